@@ -1,0 +1,27 @@
+"""Shared pytest set-up: Hypothesis profiles and the CUDA marker."""
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# "ci" is derandomized so a CI run is reproducible; "dev" explores new examples each run.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
