@@ -13,7 +13,7 @@ from numbers import Integral, Real
 
 import torch
 
-BACKENDS = ("auto", "reference", "flex")
+BACKENDS = ("auto", "reference", "flex", "sdpa")
 
 
 @dataclass(frozen=True)
@@ -59,10 +59,18 @@ def check_scale(scale: object) -> None:
 
 
 def check_qkv(
-    q: object, k: object, v: object, *, causal: object, scale: object, enable_gqa: object
+    q: object,
+    k: object,
+    v: object,
+    *,
+    causal: object,
+    scale: object,
+    enable_gqa: object,
+    names: tuple[str, str, str] = ("q", "k", "v"),
 ) -> AttentionShape:
-    """Validate q, k, v ([B, H, S, D]) and the flags shared by dense and sparse attention."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    """Validate q, k, v ([B, H, S, D]) and the flags shared by dense and sparse attention;
+    ``names`` are the caller's argument names, used in messages."""
+    for name, t in zip(names, (q, k, v), strict=True):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
@@ -76,7 +84,8 @@ def check_qkv(
     check_bool("causal", causal)
     check_bool("enable_gqa", enable_gqa)
     check_scale(scale)
-    for name, t in (("k", k), ("v", v)):
+    _, nk, nv = names
+    for name, t in ((nk, k), (nv, v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name}.dtype must equal q.dtype ({q.dtype}), got {t.dtype}")
         if t.device != q.device:
@@ -93,7 +102,8 @@ def check_qkv(
             )
     if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
         raise ValueError(
-            f"v must have k's heads and length (dims 1-2), got v {_shape(v)} and k {_shape(k)}"
+            f"{nv} must have {nk}'s heads and length (dims 1-2), "
+            f"got {nv} {_shape(v)} and {nk} {_shape(k)}"
         )
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
@@ -101,11 +111,13 @@ def check_qkv(
         raise ValueError(f"q and k need at least one head, got q {_shape(q)} and k {_shape(k)}")
     if hq % hkv != 0:
         raise ValueError(
-            f"q heads ({hq}) must be a multiple of k/v heads ({hkv}) for grouped-query attention"
+            f"q heads ({hq}) must be a multiple of {nk}/{nv} heads ({hkv}) for grouped-query "
+            "attention"
         )
     if hq != hkv and not enable_gqa:
         raise ValueError(
-            f"q has {hq} heads and k/v have {hkv}: pass enable_gqa=True for grouped-query attention"
+            f"q has {hq} heads and {nk}/{nv} have {hkv}: pass enable_gqa=True for grouped-query "
+            "attention"
         )
     if causal and sq > skv:
         raise ValueError(
@@ -218,19 +230,16 @@ def check_reserve(
     n_slots = block_table.shape[2]
     if shape.len_kv != n_slots * chunk_size:
         raise ValueError(
-            f"reserve length (k dim 2) must be n_slots * chunk_size = {n_slots} * {chunk_size} = "
-            f"{n_slots * chunk_size}, got {shape.len_kv}"
+            f"reserve length (k_reserve dim 2) must be n_slots * chunk_size = "
+            f"{n_slots} * {chunk_size} = {n_slots * chunk_size}, got {shape.len_kv}"
         )
     if not isinstance(kv_len, torch.Tensor):
         raise TypeError(f"kv_len must be a torch.Tensor, got {type(kv_len).__name__}")
-    if (
-        kv_len.dtype.is_floating_point
-        or kv_len.dtype == torch.bool
-        or kv_len.shape != (shape.batch,)
-    ):
+    if kv_len.dtype.is_floating_point or kv_len.dtype == torch.bool:
+        raise TypeError(f"kv_len must be an integer tensor, got dtype {kv_len.dtype}")
+    if kv_len.shape != (shape.batch,):
         raise ValueError(
-            f"kv_len must be an integer tensor of shape ({shape.batch},), "
-            f"got dtype {kv_len.dtype} shape {_shape(kv_len)}"
+            f"kv_len must be an integer tensor of shape ({shape.batch},), got {_shape(kv_len)}"
         )
     for name, t in (("block_table", block_table), ("kv_len", kv_len)):
         if t.device != device:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from numbers import Integral
 
 import torch
@@ -18,12 +19,8 @@ def budget_count(budget: int | float, n_chunks: int) -> int:
     """
     if isinstance(budget, Integral):
         return min(int(budget), n_chunks)
-    exact = budget * n_chunks
-    nearest = round(exact)
-    count = (
-        nearest if math.isclose(exact, nearest, rel_tol=1e-9, abs_tol=1e-9) else math.ceil(exact)
-    )
-    return min(count, n_chunks)
+    decimal = Fraction(repr(float(budget)))  # the shortest decimal that reads back as budget
+    return min(math.ceil(decimal * n_chunks), n_chunks)
 
 
 def forced_chunks(
@@ -71,7 +68,9 @@ def select_chunks(
     forced = forced_chunks(n_chunks, sink_chunks, recent_chunks, scores.device).expand_as(scores)
     candidate = ~forced
     if threshold is not None:
-        candidate = candidate & (scores > threshold)
+        # In fp64, which holds every score and the threshold exactly: in the scores' own dtype
+        # the threshold would be rounded first (0.999 is 1.0 in bf16, and 1.0 > 0.999).
+        candidate = candidate & (scores.to(torch.float64) > threshold)
     if budget is None:
         return forced | candidate
 
