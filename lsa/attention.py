@@ -108,7 +108,7 @@ def sparse_attention(
             sink_chunks=sink_chunks,
             recent_chunks=recent_chunks,
         )
-    impl = resolve_backend(backend, shape, q)
+    impl = resolve_backend(backend, shape, q, chunk_size, return_lse)
     return impl(
         q, k, v, keep, chunk_size=chunk_size, causal=causal, scale=scale, return_lse=return_lse
     )
@@ -140,13 +140,21 @@ def reserve_attention(
 
     Equals ``sparse_attention`` over the logical KV with keep = the chunks in the table.
     """
-    shape = check_qkv(q, k_reserve, v_reserve, causal=False, scale=scale, enable_gqa=enable_gqa)
+    shape = check_qkv(
+        q,
+        k_reserve,
+        v_reserve,
+        causal=False,  # causality is checked against kv_len, not the reserve's length
+        scale=scale,
+        enable_gqa=enable_gqa,
+        names=("q", "k_reserve", "v_reserve"),
+    )
     check_bool("causal", causal)
     chunk_size = check_int("chunk_size", chunk_size, minimum=1)
     check_bool("return_lse", return_lse)
     backend = check_backend(backend)
     check_reserve(block_table, kv_len, shape, chunk_size, q.device)
-    impl = resolve_reserve_backend(backend, shape, q)
+    impl = resolve_reserve_backend(backend, shape, q, chunk_size, return_lse)
     return impl(
         q,
         k_reserve,

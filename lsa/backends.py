@@ -1,4 +1,9 @@
-"""Which implementation serves a sparse_attention / reserve_attention call."""
+"""Which implementation serves a sparse_attention / reserve_attention call.
+
+"auto" changes only the speed, never the function: every backend is proven against the reference.
+On CUDA it picks from measured H200 figures (see ``_fastest``); on CPU "reference", since compiled
+flex recompiles for every new shape there (see lsa/compiled/flex.py).
+"""
 
 from __future__ import annotations
 
@@ -7,26 +12,77 @@ from collections.abc import Callable
 import torch
 
 from lsa._validation import AttentionShape
+from lsa.compiled.flex import flex_reserve_attention, flex_sparse_attention, flex_supports
+from lsa.compiled.sdpa import sdpa_reserve_attention, sdpa_supports
 from lsa.reference.reserve import reference_reserve_attention
 from lsa.reference.sparse import reference_sparse_attention
 
 AttentionImpl = Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
 
+_IMPLS: dict[str, dict[str, AttentionImpl]] = {
+    "sparse": {"reference": reference_sparse_attention, "flex": flex_sparse_attention},
+    "reserve": {
+        "reference": reference_reserve_attention,
+        "flex": flex_reserve_attention,
+        "sdpa": sdpa_reserve_attention,
+    },
+}
+
 
 def available_backends(device: torch.device | str = "cpu") -> tuple[str, ...]:
-    """Backend names that run on ``device`` in this environment (tests iterate over these)."""
-    return ("reference",)
+    """Backend names of ``sparse_attention`` on ``device`` (tests iterate over these)."""
+    return ("reference", "flex")
 
 
-def resolve_backend(backend: str, shape: AttentionShape, q: torch.Tensor) -> AttentionImpl:
-    """Map a backend name to its implementation. "auto" never changes the function computed,
-    only how fast: every backend is tested against the reference."""
-    if backend in ("auto", "reference"):
-        return reference_sparse_attention
-    raise NotImplementedError(f"backend {backend!r} is not available in this build of lsa")
+def available_reserve_backends(device: torch.device | str = "cpu") -> tuple[str, ...]:
+    """Backend names of ``reserve_attention`` on ``device``."""
+    return ("reference", "flex", "sdpa")
 
 
-def resolve_reserve_backend(backend: str, shape: AttentionShape, q: torch.Tensor) -> AttentionImpl:
-    if backend in ("auto", "reference"):
-        return reference_reserve_attention
-    raise NotImplementedError(f"backend {backend!r} is not available in this build of lsa")
+def _why_not(backend: str, q: torch.Tensor, chunk_size: int, return_lse: bool) -> str | None:
+    if backend == "flex":
+        return flex_supports(q, chunk_size)
+    if backend == "sdpa":
+        return sdpa_supports(q, return_lse)
+    return None
+
+
+def _fastest(kind: str, shape: AttentionShape, q, chunk_size: int, return_lse: bool) -> str:
+    """Measured on an H200 (bench/README.md): over a reserve, flex at B * H_kv = 8 and SDPA with a
+    token mask at B * H_kv = 64 (flex's decode kernel walks its block lists too slowly there);
+    over a full cache only flex skips dropped chunks. The CPU has no fast sparse kernel."""
+    if q.device.type != "cuda":
+        return "reference"
+    order = ("flex", "sdpa") if kind == "reserve" else ("flex",)
+    if kind == "reserve" and shape.batch * shape.heads_kv >= 64:
+        order = ("sdpa", "flex")
+    fits = [b for b in order if _why_not(b, q, chunk_size, return_lse) is None]
+    return fits[0] if fits else "reference"
+
+
+def _resolve(kind, backend, shape: AttentionShape, q, chunk_size: int, return_lse: bool):
+    if backend not in _IMPLS[kind] and backend != "auto":
+        raise ValueError(
+            f"backend={backend!r} does not serve {kind} attention; "
+            f"choose one of {('auto', *_IMPLS[kind])}"
+        )
+    if shape.len_q == 0 or shape.len_kv == 0:
+        return _IMPLS[kind]["reference"]  # empty attention: nothing for a kernel to do
+    if backend == "auto":
+        backend = _fastest(kind, shape, q, chunk_size, return_lse)
+    reason = _why_not(backend, q, chunk_size, return_lse)
+    if reason is not None:
+        raise ValueError(f"backend={backend!r} cannot serve this call: {reason}")
+    return _IMPLS[kind][backend]
+
+
+def resolve_backend(
+    backend: str, shape: AttentionShape, q: torch.Tensor, chunk_size: int, return_lse: bool
+) -> AttentionImpl:
+    return _resolve("sparse", backend, shape, q, chunk_size, return_lse)
+
+
+def resolve_reserve_backend(
+    backend: str, shape: AttentionShape, q: torch.Tensor, chunk_size: int, return_lse: bool
+) -> AttentionImpl:
+    return _resolve("reserve", backend, shape, q, chunk_size, return_lse)
