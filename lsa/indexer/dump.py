@@ -1,0 +1,270 @@
+"""``python -m lsa dump``: one backbone pass per document -> indexer training shards.
+
+For every document of a JSONL corpus, one teacher-forced forward pass (batch 1) records what the
+indexer needs at sampled positions ``t`` — and nothing else, so training never needs the model:
+
+- ``hidden.{L}`` [N, hidden]: the attention input of target layer ``L`` at ``t`` (query tower);
+- ``features.{L}`` [C, 3·H_kv·D]: pooled statistics of each whole chunk's keys of layer ``L``
+  (key tower input, :func:`lsa.indexer.lightning.chunk_features`), ``doc_chunk_ptr`` [docs+1];
+- ``position``, ``sample_doc``, ``is_answer``, ``n_chunks`` [N];
+- lookahead labels in CSR form: ``label_ptr`` [N+1], ``label_index``, ``label_target`` (graded,
+  normalised), ``label_reactive`` (SnapKV-style), ``selectable_mass`` [N]
+  (:mod:`lsa.indexer.labels`).
+
+Shards are ``shard_00000.safetensors`` …; ``manifest.json`` holds the model, layers, τ, chunk
+size, label parameters, the backbone's RoPE frequencies and, per shard, its documents with their
+split (train / val / test, by document). The manifest is rewritten after each shard, so an
+interrupted dump resumes where it stopped (same settings required).
+
+Corpus lines (JSONL): ``{"id", "text"}``, or RULER's ``{"id"?, "input", "outputs"}`` (the prompt
+then the first reference answer, teacher-forced; the last prompt token is always sampled and
+marked ``is_answer``), or ``{"id", "input_ids": [...]}``. An optional ``"split"`` overrides the
+hash split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from lsa.indexer.labels import LabelConfig, lookahead_targets, teacher_forced_pass
+from lsa.indexer.lightning import chunk_features
+
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "test")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="'smollm2', 'qwen2.5-coder-0.5b' or a dir")
+    parser.add_argument("--corpus", required=True, nargs="+", help="JSONL file(s)")
+    parser.add_argument("--out", required=True, help="output directory (shards + manifest)")
+    parser.add_argument("--target-layers", type=int, nargs="+", required=True)
+    parser.add_argument(
+        "--label-layers", type=int, nargs="*", default=None, help="default: all layers"
+    )
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--lookahead", type=int, default=64, help="τ, decode steps per refresh")
+    parser.add_argument("--sink-chunks", type=int, default=1)
+    parser.add_argument("--recent-chunks", type=int, default=2)
+    parser.add_argument("--stride", type=int, default=64, help="sample every stride-th position")
+    parser.add_argument("--min-position", type=int, default=1024, help="first sampled position")
+    parser.add_argument("--max-length", type=int, default=8192, help="truncate documents")
+    parser.add_argument("--docs-per-shard", type=int, default=4)
+    parser.add_argument("--max-docs", type=int, default=None)
+    parser.add_argument("--val-frac", type=float, default=0.15)
+    parser.add_argument("--test-frac", type=float, default=0.25)
+    parser.add_argument("--query-block", type=int, default=256)
+    parser.add_argument("--chat-template", action="store_true", help="wrap prompts as chat turns")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+
+
+def split_of(doc_id: str, val_frac: float, test_frac: float) -> str:
+    """Deterministic split by document id (sha256), so documents never straddle splits."""
+    u = int(hashlib.sha256(doc_id.encode()).hexdigest()[:8], 16) / 2**32
+    return "test" if u < test_frac else "val" if u < test_frac + val_frac else "train"
+
+
+def read_corpus(paths) -> list[dict]:
+    docs = []
+    for path in paths:
+        for i, line in enumerate(Path(path).read_text().splitlines()):
+            if not line.strip():
+                continue
+            d = json.loads(line)
+            d.setdefault("id", f"{Path(path).stem}:{d.get('index', i)}")
+            d["id"] = str(d["id"])
+            docs.append(d)
+    ids = [d["id"] for d in docs]
+    if len(set(ids)) != len(ids):
+        raise ValueError("corpus document ids must be unique")
+    return docs
+
+
+def tokenize(doc: dict, tokenizer, chat_template: bool) -> tuple[list[int], int | None]:
+    """Token ids and the index of the last prompt token (``None`` for plain text)."""
+    if "input_ids" in doc:
+        return [int(x) for x in doc["input_ids"]], doc.get("answer_position")
+    if tokenizer is None:
+        raise ValueError(f"document {doc['id']!r} has text but the model has no tokenizer")
+    if "input" in doc:
+        answer = doc.get("outputs") or [""]
+        if chat_template and tokenizer.chat_template:
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "user", "content": doc["input"]}],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            prompt_ids = tokenizer(doc["input"])["input_ids"]
+        answer_ids = tokenizer(" " + str(answer[0]), add_special_tokens=False)["input_ids"]
+        return prompt_ids + answer_ids, len(prompt_ids) - 1
+    return tokenizer(doc["text"])["input_ids"], None
+
+
+def sample_positions(length: int, stride: int, min_position: int, answer: int | None) -> list[int]:
+    pos = list(range(min(min_position, length - 1), length, stride))
+    if answer is not None and 0 <= answer < length and answer not in pos:
+        pos.append(answer)
+    return sorted(pos)
+
+
+def backbone_rope(model) -> tuple[list[float], float]:
+    """The backbone's RoPE inverse frequencies and cos/sin scaling (rotate-half convention)."""
+    body = getattr(model, "model", model)
+    rotary = getattr(body, "rotary_emb", None)
+    if rotary is None or not hasattr(rotary, "inv_freq"):
+        raise ValueError(f"{type(model).__name__} has no model.rotary_emb.inv_freq")
+    return rotary.inv_freq.float().tolist(), float(getattr(rotary, "attention_scaling", 1.0))
+
+
+def dump_document(model, ids: list[int], answer, args, label_cfg, inv_freq, scaling) -> dict:
+    """Tensors of one document (see the module docstring), before concatenation into a shard."""
+    x = torch.tensor([ids], dtype=torch.long)
+    rec = teacher_forced_pass(model, x, args.target_layers, label_cfg)
+    positions = sample_positions(len(ids), args.stride, args.min_position, answer)
+    targets = lookahead_targets(rec.mass, rec.n_terms, positions, label_cfg)
+    cs = args.chunk_size
+    n_doc = len(ids) // cs
+    starts = (torch.arange(n_doc) * cs)[None]
+    inv = torch.tensor(inv_freq)
+    out = {
+        "position": targets.position,
+        "n_chunks": targets.n_chunks,
+        "is_answer": torch.tensor([int(p == answer) for p in positions], dtype=torch.int64),
+        "label_ptr": targets.ptr,
+        "label_index": targets.index,
+        "label_target": targets.target,
+        "label_reactive": targets.reactive,
+        "selectable_mass": targets.selectable_mass,
+    }
+    for layer in args.target_layers:
+        out[f"hidden.{layer}"] = rec.hidden[layer][targets.position]
+        keys = rec.keys[layer][None, :, : n_doc * cs]
+        out[f"features.{layer}"] = chunk_features(keys, starts, cs, inv, scaling)[0]
+    return out
+
+
+def concat_docs(docs: list[dict], target_layers) -> dict[str, torch.Tensor]:
+    out: dict[str, list] = {}
+    sample_doc, chunk_ptr, label_ptr = [], [0], [torch.zeros(1, dtype=torch.int64)]
+    for i, d in enumerate(docs):
+        n = len(d["position"])
+        sample_doc.append(torch.full((n,), i, dtype=torch.int64))
+        chunk_ptr.append(chunk_ptr[-1] + d[f"features.{target_layers[0]}"].shape[0])
+        label_ptr.append(d["label_ptr"][1:] + label_ptr[-1][-1])
+        for k, v in d.items():
+            if k != "label_ptr":
+                out.setdefault(k, []).append(v)
+    tensors = {k: torch.cat(v).contiguous() for k, v in out.items()}
+    tensors["sample_doc"] = torch.cat(sample_doc)
+    tensors["doc_chunk_ptr"] = torch.tensor(chunk_ptr, dtype=torch.int64)
+    tensors["label_ptr"] = torch.cat(label_ptr)
+    return tensors
+
+
+def _settings(args, label_cfg, inv_freq, scaling, model) -> dict:
+    cfg = model.config
+    return {
+        "model": args.model,
+        "hidden_size": cfg.hidden_size,
+        "num_layers": cfg.num_hidden_layers,
+        "kv_heads": cfg.num_key_value_heads,
+        "kv_head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+        "target_layers": list(args.target_layers),
+        "labels": {**asdict(label_cfg), "label_layers": label_cfg.label_layers},
+        "stride": args.stride,
+        "min_position": args.min_position,
+        "max_length": args.max_length,
+        "chat_template": bool(args.chat_template),
+        "backbone_inv_freq": inv_freq,
+        "backbone_rope_scaling": scaling,
+    }
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from lsa.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    docs = read_corpus(args.corpus)
+    if args.max_docs is not None:
+        docs = docs[: args.max_docs]
+    model, tokenizer = load_model(args.model)
+    label_cfg = LabelConfig(
+        chunk_size=args.chunk_size,
+        lookahead=args.lookahead,
+        sink_chunks=args.sink_chunks,
+        recent_chunks=args.recent_chunks,
+        label_layers=tuple(args.label_layers) if args.label_layers else None,
+        query_block=args.query_block,
+    )
+    inv_freq, scaling = backbone_rope(model)
+    settings = _settings(args, label_cfg, inv_freq, scaling, model)
+    manifest_path = out / MANIFEST
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        old = {k: v for k, v in manifest["settings"].items()}
+        if json.loads(json.dumps(settings)) != old:
+            raise ValueError(
+                f"{manifest_path} was written with other settings; use a new --out or the same "
+                "arguments to resume"
+            )
+    else:
+        manifest = {"format_version": 1, "settings": settings, "shards": []}
+    done = {d["id"] for s in manifest["shards"] for d in s["docs"]}
+    todo = [d for d in docs if d["id"] not in done]
+    pending: list[tuple[dict, dict]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        name = f"shard_{len(manifest['shards']):05d}.safetensors"
+        tensors = concat_docs([t for _, t in pending], args.target_layers)
+        save_file(tensors, str(out / name))
+        manifest["shards"].append(
+            {
+                "file": name,
+                "samples": int(tensors["position"].numel()),
+                "docs": [m for m, _ in pending],
+            }
+        )
+        _write_json(manifest_path, manifest)
+        pending.clear()
+
+    for doc in tqdm(todo, desc="dump", unit="doc", initial=len(done), total=len(docs)):
+        ids, answer = tokenize(doc, tokenizer, args.chat_template)
+        ids = ids[: args.max_length]
+        if len(ids) < 2 * args.chunk_size + 1:
+            continue
+        tensors = dump_document(model, ids, answer, args, label_cfg, inv_freq, scaling)
+        split = doc.get("split") or split_of(doc["id"], args.val_frac, args.test_frac)
+        if split not in SPLITS:
+            raise ValueError(
+                f"document {doc['id']!r}: split must be one of {SPLITS}, got {split!r}"
+            )
+        meta = {"id": doc["id"], "split": split, "length": len(ids), "task": doc.get("task", "")}
+        pending.append((meta, tensors))
+        if len(pending) >= args.docs_per_shard:
+            flush()
+    flush()
+    n = sum(s["samples"] for s in manifest["shards"])
+    print(f"{len(manifest['shards'])} shards, {n} positions -> {out}")
+    return 0

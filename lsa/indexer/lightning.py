@@ -1,0 +1,371 @@
+"""The lightning-form memory indexer: a dual encoder over the decoder's own states.
+
+Per target layer ``L`` (one independent pair of towers each)::
+
+    query tower (hidden x of the current token, [B, hidden]; the attention input of layer L):
+        ql = RMSNorm(wq_a(x))                            # low-rank, [B, q_rank]
+        q  = wq_b(ql).view(B, H, d)                      # per-head
+        q  = hadamard(rope_last(q, position))            # RoPE on the last rope_dim dims
+        w  = weights_proj(x) * d**-0.5 * H**-0.5         # per-head weights, [B, H]
+    key tower (the layer's cached keys of one chunk, [cs, H_kv, D], post-RoPE):
+        f  = [mean, min, max] over the chunk's tokens of the keys with the backbone's RoPE undone
+        k  = hadamard(rope_last(RMSNorm(w_k(f)), chunk_start))      # [d], one key per chunk
+    logit_j = sum_h w_h * relu(q_h . k_j) + bias ;  sigmoid(logit) = keep probability
+
+and the target layers' logits are ensembled with ``max`` (or ``mean``).
+
+Why this key tower: the cache holds the post-RoPE keys of every token, so a chunk key must be a
+function of them. Undoing the backbone's rotation gives position-free content; the per-channel
+mean (MoBA's and ShadowKV's chunk landmark) and min/max (Quest's page bounds) summarise what
+queries of that layer can find in the chunk, and cost nothing to keep. A learned projection of
+these statistics then feeds the same RoPE-at-chunk-start + Hadamard path as the original's
+compressed index keys, so ``q . k`` sees the distance between the query and the chunk.
+
+The module implements :class:`lsa.indexer.scorer.ChunkScorer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lsa.indexer.codec import fake_quantize_fp8
+
+CONFIG_NAME = "indexer_config.json"
+WEIGHTS_NAME = "indexer.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class IndexerConfig:
+    """Shapes and choices of a :class:`LightningIndexer` (saved as JSON beside the weights).
+
+    Attributes:
+        hidden_size: the backbone's hidden size (query tower input).
+        kv_heads, kv_head_dim: the backbone's KV heads and head dim (key tower input).
+        target_layers: decoder layers whose hidden state and keys are read.
+        chunk_size: tokens per chunk.
+        n_heads, index_dim, q_rank: indexer heads, their dim (a power of two, for the Hadamard
+            rotation) and the query tower's low rank.
+        rope_dim, rope_theta: the indexer's own RoPE, on the last ``rope_dim`` dims.
+        ensemble: ``"max"`` or ``"mean"`` of the per-layer logits.
+        key_fp8: chunk keys pass through the fp8 codec (132 bytes per 128-dim key).
+        derotate_keys: undo the backbone's RoPE before pooling (needs ``backbone_inv_freq``).
+        backbone_rope_scaling: the backbone's cos/sin scaling (``attention_scaling``).
+        backbone: free-form name of the backbone, for checks and reports.
+    """
+
+    hidden_size: int
+    kv_heads: int
+    kv_head_dim: int
+    target_layers: tuple[int, ...]
+    chunk_size: int = 64
+    n_heads: int = 8
+    index_dim: int = 128
+    q_rank: int = 128
+    rope_dim: int = 64
+    rope_theta: float = 10000.0
+    ensemble: str = "max"
+    key_fp8: bool = False
+    derotate_keys: bool = True
+    backbone_rope_scaling: float = 1.0
+    backbone: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "target_layers", tuple(int(x) for x in self.target_layers))
+        for name in ("hidden_size", "kv_heads", "kv_head_dim", "chunk_size", "n_heads", "q_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not self.target_layers or len(set(self.target_layers)) != len(self.target_layers):
+            raise ValueError(
+                f"target_layers must be non-empty and distinct, got {self.target_layers}"
+            )
+        d = self.index_dim
+        if not isinstance(d, int) or d < 2 or d & (d - 1):
+            raise ValueError(f"index_dim must be a power of two >= 2, got {d!r}")
+        if not isinstance(self.rope_dim, int) or self.rope_dim % 2 or not 0 <= self.rope_dim <= d:
+            raise ValueError(
+                f"rope_dim must be even and in [0, index_dim={d}], got {self.rope_dim}"
+            )
+        if self.ensemble not in ("max", "mean"):
+            raise ValueError(f"ensemble must be 'max' or 'mean', got {self.ensemble!r}")
+        if self.kv_head_dim % 2:
+            raise ValueError(f"kv_head_dim must be even, got {self.kv_head_dim}")
+
+    @property
+    def feature_dim(self) -> int:
+        """Size of the pooled chunk statistics the key tower reads: 3 · kv_heads · kv_head_dim."""
+        return 3 * self.kv_heads * self.kv_head_dim
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["target_layers"] = list(self.target_layers)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> IndexerConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"indexer config has unknown fields {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+
+def hadamard_matrix(d: int) -> torch.Tensor:
+    """Normalised Walsh–Hadamard matrix ``[d, d]`` (orthogonal, symmetric), d a power of two."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(d)
+
+
+def rope_last(x: torch.Tensor, position: torch.Tensor, rope_dim: int, theta: float) -> torch.Tensor:
+    """Rotate the last ``rope_dim`` dims of ``x`` [..., d] (half-split) by ``position`` [...]."""
+    if rope_dim == 0:
+        return x
+    half = rope_dim // 2
+    inv = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    ang = position.to(torch.float32)[..., None] * inv  # [..., half]
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    while cos.dim() < x.dim():  # broadcast over head dims between position's dims and d
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    keep, rot = x[..., :-rope_dim], x[..., -rope_dim:]
+    a, b = rot[..., :half], rot[..., half:]
+    return torch.cat([keep, a * cos - b * sin, a * sin + b * cos], dim=-1)
+
+
+def chunk_features(
+    keys: torch.Tensor,
+    chunk_start: torch.Tensor,
+    chunk_size: int,
+    inv_freq: torch.Tensor | None,
+    rope_scaling: float = 1.0,
+) -> torch.Tensor:
+    """Pooled statistics of each chunk's keys: ``[B, n, 3 * H_kv * D]`` (mean, min, max).
+
+    Args:
+        keys: [B, H_kv, n * chunk_size, D] post-RoPE keys of whole chunks.
+        chunk_start: int [B, n], the position of each chunk's first token.
+        inv_freq: the backbone's RoPE inverse frequencies [D/2] (rotate-half convention, as in
+            Llama and Qwen2); ``None`` pools the keys as given.
+    """
+    b, h_kv, s, d = keys.shape
+    n = chunk_start.shape[-1]
+    if s != n * chunk_size:
+        raise ValueError(
+            f"keys must hold n * chunk_size = {n} * {chunk_size} tokens, got {s} ([B, H_kv, S, D] "
+            f"= {tuple(keys.shape)})"
+        )
+    k = keys.float().view(b, h_kv, n, chunk_size, d)  # [B, H_kv, n, cs, D]
+    if inv_freq is not None:
+        pos = chunk_start.to(torch.float32)[:, :, None] + torch.arange(
+            chunk_size, device=keys.device, dtype=torch.float32
+        )  # [B, n, cs]
+        ang = pos[..., None] * inv_freq.to(keys.device, torch.float32)  # [B, n, cs, D/2]
+        ang = torch.cat([ang, ang], dim=-1)[:, None]  # [B, 1, n, cs, D]
+        cos, sin = ang.cos() * rope_scaling, ang.sin() * rope_scaling
+        rot_half = torch.cat([-k[..., d // 2 :], k[..., : d // 2]], dim=-1)
+        # k = x cos + rot_half(x) sin  =>  x = (k cos - rot_half(k) sin) / scaling^2
+        k = (k * cos - rot_half * sin) / (rope_scaling * rope_scaling)
+    k = k.permute(0, 2, 3, 1, 4).reshape(b, n, chunk_size, h_kv * d)  # [B, n, cs, H_kv*D]
+    return torch.cat([k.mean(2), k.amin(2), k.amax(2)], dim=-1)
+
+
+class _LayerIndexer(nn.Module):
+    """Query and key towers for one target layer."""
+
+    def __init__(self, cfg: IndexerConfig):
+        super().__init__()
+        self.wq_a = nn.Linear(cfg.hidden_size, cfg.q_rank, bias=False)
+        self.q_norm = nn.RMSNorm(cfg.q_rank, eps=1e-6)
+        self.wq_b = nn.Linear(cfg.q_rank, cfg.n_heads * cfg.index_dim, bias=False)
+        self.weights_proj = nn.Linear(cfg.hidden_size, cfg.n_heads, bias=False)
+        self.wk = nn.Linear(cfg.feature_dim, cfg.index_dim, bias=False)
+        self.k_norm = nn.RMSNorm(cfg.index_dim, eps=1e-6)
+        self.bias = nn.Parameter(torch.zeros(()))
+
+
+class LightningIndexer(nn.Module):
+    """Lightning-form memory indexer (see the module docstring); a :class:`ChunkScorer`."""
+
+    def __init__(self, config: IndexerConfig, backbone_inv_freq: torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        self.chunk_size = config.chunk_size
+        self.target_layers = config.target_layers
+        self.layers = nn.ModuleDict(
+            {str(layer): _LayerIndexer(config) for layer in config.target_layers}
+        )
+        self.register_buffer("hadamard", hadamard_matrix(config.index_dim), persistent=False)
+        if config.derotate_keys:
+            if backbone_inv_freq is None:
+                backbone_inv_freq = torch.zeros(config.kv_head_dim // 2)  # set by from_pretrained
+            if tuple(backbone_inv_freq.shape) != (config.kv_head_dim // 2,):
+                raise ValueError(
+                    f"backbone_inv_freq must be [kv_head_dim/2] = [{config.kv_head_dim // 2}], "
+                    f"got {tuple(backbone_inv_freq.shape)}"
+                )
+            self.register_buffer("backbone_inv_freq", backbone_inv_freq.float().clone())
+        else:
+            self.backbone_inv_freq = None
+
+    # -- towers -----------------------------------------------------------------------------
+
+    def _layer(self, layer: int) -> _LayerIndexer:
+        if layer not in self.target_layers:
+            raise ValueError(
+                f"layer must be one of target_layers {self.target_layers}, got {layer}"
+            )
+        return self.layers[str(layer)]
+
+    def features(self, keys: torch.Tensor, chunk_start: torch.Tensor) -> torch.Tensor:
+        """Key-tower input for whole chunks: [B, H_kv, n*cs, D] keys -> [B, n, feature_dim]."""
+        cfg = self.config
+        if keys.dim() != 4 or keys.shape[1] != cfg.kv_heads or keys.shape[3] != cfg.kv_head_dim:
+            raise ValueError(
+                f"keys must be [B, H_kv={cfg.kv_heads}, n*chunk_size, D={cfg.kv_head_dim}], "
+                f"got {tuple(keys.shape)}"
+            )
+        if chunk_start.dim() != 2 or chunk_start.shape[0] != keys.shape[0]:
+            raise ValueError(
+                f"chunk_start must be int [B={keys.shape[0]}, n], got {tuple(chunk_start.shape)}"
+            )
+        return chunk_features(
+            keys, chunk_start, cfg.chunk_size, self.backbone_inv_freq, cfg.backbone_rope_scaling
+        )
+
+    def encode_features(
+        self, layer: int, features: torch.Tensor, chunk_start: torch.Tensor
+    ) -> torch.Tensor:
+        """Key tower from pooled statistics: [B, n, feature_dim] -> chunk keys [B, n, index_dim]."""
+        cfg = self.config
+        mod = self._layer(layer)
+        k = mod.k_norm(mod.wk(features.to(mod.wk.weight.dtype)))
+        k = rope_last(k, chunk_start, cfg.rope_dim, cfg.rope_theta) @ self.hadamard
+        if cfg.key_fp8:  # straight-through: the forward sees fp8 keys, gradients pass unchanged
+            k = k + (fake_quantize_fp8(k) - k).detach()
+        return k
+
+    def encode_chunks(
+        self, layer: int, keys: torch.Tensor, chunk_start: torch.Tensor
+    ) -> torch.Tensor:
+        """ChunkScorer: post-RoPE cached keys [B, H_kv, n*cs, D] -> chunk keys [B, n, index_dim]."""
+        return self.encode_features(layer, self.features(keys, chunk_start), chunk_start)
+
+    def layer_logits(
+        self, layer: int, hidden: torch.Tensor, position: torch.Tensor, chunk_keys: torch.Tensor
+    ) -> torch.Tensor:
+        """One layer's logits [B, n] for hidden [B, hidden], position [B], keys [B, n, d]."""
+        cfg = self.config
+        mod = self._layer(layer)
+        x = hidden.to(mod.wq_a.weight.dtype)
+        b = x.shape[0]
+        q = mod.wq_b(mod.q_norm(mod.wq_a(x))).view(b, cfg.n_heads, cfg.index_dim)  # [B, H, d]
+        q = rope_last(q, position, cfg.rope_dim, cfg.rope_theta) @ self.hadamard
+        w = mod.weights_proj(x) * (cfg.index_dim**-0.5 * cfg.n_heads**-0.5)  # [B, H]
+        s = torch.relu(torch.einsum("bhd,bnd->bnh", q, chunk_keys.to(q.dtype)))  # [B, n, H]
+        return (s * w[:, None, :]).sum(-1) + mod.bias
+
+    def ensemble(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        stacked = torch.stack(logits, 0)
+        return stacked.amax(0) if self.config.ensemble == "max" else stacked.mean(0)
+
+    def score(
+        self,
+        hidden: dict[int, torch.Tensor],
+        position: torch.Tensor,
+        chunk_keys: dict[int, torch.Tensor],
+    ) -> torch.Tensor:
+        """ChunkScorer: logits [B, n] from every target layer's hidden [B, hidden] and keys."""
+        missing = [
+            layer for layer in self.target_layers if layer not in hidden or layer not in chunk_keys
+        ]
+        if missing:
+            raise ValueError(f"hidden and chunk_keys need every target layer; missing {missing}")
+        return self.ensemble(
+            [
+                self.layer_logits(layer, hidden[layer], position, chunk_keys[layer])
+                for layer in self.target_layers
+            ]
+        )
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``indexer.safetensors`` and ``indexer_config.json`` into ``directory``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "lsa-indexer"})
+        meta = {"format_version": FORMAT_VERSION, "config": self.config.to_dict()}
+        (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **expect) -> LightningIndexer:
+        """Load an indexer saved by :meth:`save_pretrained`.
+
+        Args:
+            expect: config fields the caller requires (e.g. ``hidden_size=576``,
+                ``target_layers=(10, 20)``); any difference raises.
+
+        Raises:
+            ValueError: missing files, an unknown format, a config that does not match
+                ``expect``, or weights whose names or shapes do not match the config.
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        if not cfg_path.is_file() or not w_path.is_file():
+            raise ValueError(f"{directory} must hold {CONFIG_NAME} and {WEIGHTS_NAME}")
+        try:
+            meta = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
+        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{cfg_path}: expected format_version {FORMAT_VERSION}, got "
+                f"{meta.get('format_version') if isinstance(meta, dict) else meta!r}"
+            )
+        config = IndexerConfig.from_dict(meta.get("config", {}))
+        for key, want in expect.items():
+            got = getattr(config, key, None)
+            want = tuple(want) if key == "target_layers" else want
+            if got != want:
+                raise ValueError(f"indexer in {directory} has {key}={got!r}, expected {want!r}")
+        try:
+            tensors = load_file(str(w_path))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{w_path} is not a readable safetensors file: {e}") from e
+        model = cls(config)
+        own = model.state_dict()
+        missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        if missing or unexpected:
+            raise ValueError(
+                f"{w_path} does not match its config: missing {missing}, unexpected {unexpected}"
+            )
+        for name, value in tensors.items():
+            if tuple(value.shape) != tuple(own[name].shape):
+                raise ValueError(
+                    f"{w_path}: tensor {name!r} has shape {tuple(value.shape)}, the config needs "
+                    f"{tuple(own[name].shape)}"
+                )
+        model.load_state_dict(tensors)
+        return model

@@ -1,0 +1,300 @@
+"""``python -m lsa train``: train a :class:`LightningIndexer` from dump shards only.
+
+The backbone is never loaded: everything comes from ``lsa dump``'s shards (hidden states at the
+target layers, pooled chunk-key statistics, lookahead targets).
+
+Losses (per target layer, averaged over layers; ``--loss``):
+
+- ``kl``: listwise, ``KL(y_t || softmax(logits over the selectable chunks))`` against the graded
+  lookahead target, as DeepSeek's sparse-attention indexer is trained against dense attention.
+- ``focal``: the original's focal BCE on logits (γ = 2): positives are the oracle's free picks at
+  ``--label-budget`` (the top-k of ``y_t``), negatives the other selectable chunks. Only chunks
+  that exist at ``t`` are ever negatives (the original also sampled chunks from the future).
+- ``both``: their sum.
+
+AdamW, cosine decay (with a short linear warm-up), gradient clipping; validation metrics
+(:mod:`lsa.indexer.metrics`) every epoch; the best epoch by validation coverage (mean of the
+budgets) is saved with ``save_pretrained``; the test split is reported against Recency, Random
+and SnapKV-style at the end, and everything is written to ``<out>/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lsa.indexer.data import Batch, ShardData
+from lsa.indexer.labels import oracle_positives
+from lsa.indexer.lightning import IndexerConfig, LightningIndexer
+from lsa.indexer.metrics import BUDGETS, baseline_scores, evaluate, format_table
+from lsa.reference.select import budget_count
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="directory written by `lsa dump`")
+    parser.add_argument("--out", required=True, help="where the best indexer is saved")
+    parser.add_argument(
+        "--layers", type=int, nargs="*", default=None, help="subset of the dumped target layers"
+    )
+    parser.add_argument("--loss", choices=("kl", "focal", "both"), default="kl")
+    parser.add_argument("--label-budget", type=float, default=0.1, help="focal positives: top-k")
+    parser.add_argument("--gamma", type=float, default=2.0, help="focal loss γ")
+    parser.add_argument("--n-heads", type=int, default=8)
+    parser.add_argument("--index-dim", type=int, default=128)
+    parser.add_argument("--q-rank", type=int, default=128)
+    parser.add_argument("--rope-dim", type=int, default=64)
+    parser.add_argument("--rope-theta", type=float, default=10000.0)
+    parser.add_argument("--ensemble", choices=("max", "mean"), default="mean")
+    parser.add_argument("--key-fp8", action="store_true")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--clip", type=float, default=1.0)
+    parser.add_argument("--warmup", type=float, default=0.05, help="fraction of steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quiet", action="store_true")
+
+
+def build_indexer(data: ShardData, args) -> LightningIndexer:
+    s = data.settings
+    config = IndexerConfig(
+        hidden_size=int(s["hidden_size"]),
+        kv_heads=int(s["kv_heads"]),
+        kv_head_dim=int(s["kv_head_dim"]),
+        target_layers=tuple(data.layers),
+        chunk_size=data.chunk_size,
+        n_heads=args.n_heads,
+        index_dim=args.index_dim,
+        q_rank=args.q_rank,
+        rope_dim=args.rope_dim,
+        rope_theta=args.rope_theta,
+        ensemble=args.ensemble,
+        key_fp8=args.key_fp8,
+        derotate_keys=True,
+        backbone_rope_scaling=float(s["backbone_rope_scaling"]),
+        backbone=str(s["model"]),
+    )
+    if data.feature_dim != config.feature_dim:
+        raise ValueError(
+            f"shards hold {data.feature_dim}-dim chunk features, the config needs "
+            f"{config.feature_dim}"
+        )
+    return LightningIndexer(config, torch.tensor(s["backbone_inv_freq"]))
+
+
+def batch_logits(model: LightningIndexer, batch: Batch) -> dict[int, torch.Tensor]:
+    """Per-layer logits [B, n] for a batch (chunk keys computed from the shard features)."""
+    out = {}
+    for layer in model.target_layers:
+        keys = model.encode_features(layer, batch.features[layer], batch.chunk_start)
+        out[layer] = model.layer_logits(layer, batch.hidden[layer], batch.position, keys)
+    return out
+
+
+def kl_loss(logits: torch.Tensor, target: torch.Tensor, selectable: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(target || softmax(logits)) over the selectable chunks."""
+    rows = selectable.any(-1) & (target.sum(-1) > 0)
+    logp = torch.log_softmax(logits.masked_fill(~selectable, float("-inf")), dim=-1)
+    t = target.clamp_min(0)
+    kl = torch.where(t > 0, t * (torch.log(t.clamp_min(1e-12)) - logp), torch.zeros_like(t))
+    return kl.sum(-1)[rows].mean() if rows.any() else logits.sum() * 0
+
+
+def focal_loss(
+    logits: torch.Tensor, positive: torch.Tensor, selectable: torch.Tensor, gamma: float
+) -> torch.Tensor:
+    """Focal BCE on logits over selectable chunks (negatives only among chunks that exist)."""
+    y = positive.float()
+    bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    p = torch.sigmoid(logits)
+    p_t = p * y + (1 - p) * (1 - y)
+    loss = bce * (1 - p_t).pow(gamma)
+    return loss[selectable].mean() if selectable.any() else logits.sum() * 0
+
+
+def positives(batch: Batch, budget: float, sink: int, recent: int) -> torch.Tensor:
+    """Oracle free picks at ``budget`` per row (the focal loss's binary view of the target)."""
+    pos = torch.zeros_like(batch.selectable)
+    for r, n in enumerate(batch.n_chunks.tolist()):
+        k = max(1, budget_count(budget, n) - min(n, sink + recent))
+        pos[r] = oracle_positives(batch.target[r], batch.selectable[r], k)
+    return pos
+
+
+@torch.no_grad()
+def score_split(model: LightningIndexer, data: ShardData, batch_size: int = 256):
+    """Ensemble scores, targets and selectable masks per position (lists of [n_t])."""
+    model.eval()
+    scores, targets, selectable, reactive, n_list = [], [], [], [], []
+    for start in range(0, len(data), batch_size):
+        batch = data.batch(torch.arange(start, min(len(data), start + batch_size)))
+        logits = model.ensemble(list(batch_logits(model, batch).values()))
+        for r, n in enumerate(batch.n_chunks.tolist()):
+            scores.append(logits[r, :n])
+            targets.append(batch.target[r, :n])
+            selectable.append(batch.selectable[r, :n])
+            reactive.append(batch.reactive[r, :n])
+            n_list.append(n)
+    return scores, targets, selectable, reactive, n_list
+
+
+def label_stats(data: ShardData) -> dict[str, float]:
+    """Sparsity of the targets: selectable chunks, and how many hold 50% / 80% of the mass."""
+    sel, c50, c80 = [], [], []
+    for i in range(len(data)):
+        a, z = int(data.label_ptr[i]), int(data.label_ptr[i + 1])
+        y = torch.sort(data.label_target[a:z], descending=True).values
+        if y.numel() == 0 or float(y.sum()) <= 0:
+            continue
+        cum = y.cumsum(0)
+        sel.append(y.numel())
+        c50.append(int((cum < 0.5).sum()) + 1)
+        c80.append(int((cum < 0.8).sum()) + 1)
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    return {
+        "positions": len(data),
+        "selectable_chunks": mean(sel),
+        "chunks_for_50pct_mass": mean(c50),
+        "chunks_for_80pct_mass": mean(c80),
+        "selectable_share_of_lookahead_mass": float(data.selectable_mass.mean()),
+    }
+
+
+def evaluate_model(model, data: ShardData, with_baselines: bool, seed: int = 0):
+    scores, targets, selectable, reactive, n_list = score_split(model, data)
+    methods = {"indexer": scores}
+    if with_baselines:
+        methods.update(baseline_scores(n_list, reactive, seed=seed))
+    return evaluate(
+        methods,
+        targets,
+        selectable,
+        budgets=BUDGETS,
+        sink_chunks=data.sink_chunks,
+        recent_chunks=data.recent_chunks,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    log = (lambda *a: None) if args.quiet else print
+    train_data = ShardData(args.data, "train")
+    val_data = ShardData(args.data, "val")
+    try:
+        test_data = ShardData(args.data, "test")
+    except ValueError:
+        test_data = None
+    if args.layers:
+        unknown = sorted(set(args.layers) - set(train_data.layers))
+        if unknown:
+            raise ValueError(f"--layers {unknown} were not dumped; dumped: {train_data.layers}")
+        for d in (train_data, val_data, test_data):
+            if d is not None:
+                d.layers = sorted(args.layers)
+    model = build_indexer(train_data, args)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = math.ceil(len(train_data) / args.batch_size)
+    total = max(1, steps_per_epoch * args.epochs)
+    warm = max(1, int(args.warmup * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            (s + 1) / warm
+            if s < warm
+            else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
+        ),
+    )
+    sink, recent = train_data.sink_chunks, train_data.recent_chunks
+    out = Path(args.out)
+    history, best, best_epoch = [], -math.inf, -1
+    gen = torch.Generator().manual_seed(args.seed)
+    log(f"train {len(train_data)} positions, val {len(val_data)}, test {len(test_data or [])}")
+    t0 = time.time()
+    for epoch in range(args.epochs):
+        model.train()
+        perm = torch.randperm(len(train_data), generator=gen)
+        losses = []
+        for start in range(0, len(train_data), args.batch_size):
+            batch = train_data.batch(perm[start : start + args.batch_size])
+            per_layer = batch_logits(model, batch)
+            pos = positives(batch, args.label_budget, sink, recent) if args.loss != "kl" else None
+            terms = []
+            for logits in per_layer.values():
+                term = 0.0
+                if args.loss in ("kl", "both"):
+                    term = term + kl_loss(logits, batch.target, batch.selectable)
+                if args.loss in ("focal", "both"):
+                    term = term + focal_loss(logits, pos, batch.selectable, args.gamma)
+                terms.append(term)
+            loss = torch.stack(terms).mean()
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        val = evaluate_model(model, val_data, with_baselines=False)["indexer"]
+        covs = [val[f"{b:g}"]["coverage"] for b in BUDGETS]
+        covs = [c for c in covs if not math.isnan(c)]
+        # Best by validation coverage; with no free pick at any budget (tiny data), by loss.
+        key = sum(covs) / len(covs) if covs else -sum(losses) / len(losses)
+        history.append({"epoch": epoch, "loss": sum(losses) / len(losses), "val": val})
+        mark = ""
+        if key > best:
+            best, best_epoch, mark = key, epoch, " *"
+            model.save_pretrained(out)
+        log(
+            f"epoch {epoch:3d} loss {history[-1]['loss']:.4f} val cov@0.1 "
+            f"{val['0.1']['coverage']:.3f} ovl@0.1 {val['0.1']['overlap']:.3f} cov@0.2 "
+            f"{val['0.2']['coverage']:.3f}{mark}  ({time.time() - t0:.0f}s)"
+        )
+    best_model = LightningIndexer.from_pretrained(out)
+    report = {
+        "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "data": str(args.data),
+        "dump_settings": {k: v for k, v in train_data.settings.items() if k != "backbone_inv_freq"},
+        "label_stats": {"train": label_stats(train_data), "val": label_stats(val_data)},
+        "best_epoch": best_epoch,
+        "history": history,
+        "val": evaluate_model(best_model, val_data, with_baselines=True),
+        "hardware": {"machine": platform.machine(), "threads": torch.get_num_threads()},
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "train_seconds": round(time.time() - t0, 1),
+    }
+    log(f"\nvalidation (best epoch {best_epoch}):\n" + format_table(report["val"]))
+    if test_data is not None:
+        report["label_stats"]["test"] = label_stats(test_data)
+        report["test"] = evaluate_model(best_model, test_data, with_baselines=True)
+        log("\ntest:\n" + format_table(report["test"]))
+        answer = test_data.is_answer.nonzero().flatten()
+        if len(answer):
+            report["test_answer_positions"] = _subset_eval(best_model, test_data, answer)
+            log("\ntest, answer positions only:\n" + format_table(report["test_answer_positions"]))
+    (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+def _subset_eval(model, data: ShardData, idx: torch.Tensor):
+    scores, targets, selectable, reactive, n_list = score_split(model, data)
+    pick = lambda xs: [xs[i] for i in idx.tolist()]  # noqa: E731
+    methods = {"indexer": pick(scores)}
+    methods.update(baseline_scores(pick(n_list), pick(reactive)))
+    return evaluate(
+        methods,
+        pick(targets),
+        pick(selectable),
+        sink_chunks=data.sink_chunks,
+        recent_chunks=data.recent_chunks,
+    )

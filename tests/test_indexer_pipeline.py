@@ -1,0 +1,141 @@
+"""`lsa dump` then `lsa train` on a tiny random Llama; training never loads the backbone."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lsa.models
+from lsa.__main__ import main
+from lsa.indexer import LightningIndexer
+from lsa.indexer.data import ShardData
+
+DUMP_ARGS = [
+    "--target-layers", "0", "1",
+    "--chunk-size", "16", "--lookahead", "16",
+    "--stride", "8", "--min-position", "100",
+    "--docs-per-shard", "2",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    gen = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(8):
+        n = int(torch.randint(300, 420, (1,), generator=gen))
+        ids = torch.randint(0, 101, (n,), generator=gen).tolist()
+        split = ("train", "train", "val", "test")[i % 4]
+        lines.append({"id": f"d{i}", "input_ids": ids, "answer_position": n - 20, "split": split})
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(x) + "\n" for x in lines[:5]))
+    argv = ["dump", "--model", str(root / "model"), "--corpus", str(corpus), "--out"]
+    assert main([*argv, str(root / "dump"), *DUMP_ARGS]) == 0
+    return root, lines, argv
+
+
+def test_dump_writes_shards_and_manifest(setup):
+    root, _, _ = setup
+    manifest = json.loads((root / "dump" / "manifest.json").read_text())
+    s = manifest["settings"]
+    assert s["target_layers"] == [0, 1] and s["labels"]["lookahead"] == 16
+    assert s["labels"]["chunk_size"] == 16 and len(s["backbone_inv_freq"]) == 8
+    assert [d["id"] for sh in manifest["shards"] for d in sh["docs"]] == [f"d{i}" for i in range(5)]
+    t = load_file(str(root / "dump" / manifest["shards"][0]["file"]))
+    n = t["position"].numel()
+    assert t["hidden.0"].shape == (n, 64) and t["label_ptr"].shape == (n + 1,)
+    assert t["features.1"].shape[1] == 3 * 2 * 16
+    # CSR rows: existing, non-forced chunks only; targets normalised.
+    for i in range(n):
+        a, z = int(t["label_ptr"][i]), int(t["label_ptr"][i + 1])
+        idx = t["label_index"][a:z]
+        n_t = (int(t["position"][i]) + 1) // 16
+        assert int(t["n_chunks"][i]) == n_t
+        assert idx.tolist() == list(range(1, n_t - 2))
+        assert abs(float(t["label_target"][a:z].sum()) - 1) < 1e-5
+    assert int(t["is_answer"].sum()) == 2  # one answer position per document
+
+
+def test_dump_resumes_without_redoing_documents(setup):
+    root, lines, argv = setup
+    before = json.loads((root / "dump" / "manifest.json").read_text())
+    corpus = root / "corpus2.jsonl"
+    corpus.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    argv = [*argv[:-2], str(corpus), "--out", str(root / "dump2")]
+    # Copy the first dump, then extend it with the rest of the corpus.
+    import shutil
+
+    shutil.copytree(root / "dump", root / "dump2")
+    assert main([*argv, *DUMP_ARGS]) == 0
+    after = json.loads((root / "dump2" / "manifest.json").read_text())
+    assert after["shards"][: len(before["shards"])] == before["shards"]
+    ids = [d["id"] for sh in after["shards"] for d in sh["docs"]]
+    assert ids == [f"d{i}" for i in range(8)]
+    # Other settings on the same directory are refused rather than mixed.
+    bad = [*DUMP_ARGS[:-2], "--docs-per-shard", "2"]
+    bad[bad.index("--lookahead") + 1] = "32"
+    with pytest.raises(ValueError, match="other settings"):
+        main([*argv, *bad])
+
+
+def test_train_reads_only_shards(setup, monkeypatch):
+    root, _, _ = setup
+
+    def refuse(*a, **k):
+        raise AssertionError("the backbone must not be loaded during training")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(lsa.models, "load_model", refuse)
+    out = root / "indexer"
+    args = ["train", "--data", str(root / "dump"), "--out", str(out), "--epochs", "3",
+            "--batch-size", "16", "--n-heads", "2", "--index-dim", "16", "--q-rank", "8",
+            "--rope-dim", "8", "--quiet"]  # fmt: skip
+    assert main([*args, "--loss", "both"]) == 0
+    idx = LightningIndexer.from_pretrained(out, hidden_size=64, target_layers=(0, 1))
+    report = json.loads((out / "metrics.json").read_text())
+    assert len(report["history"]) == 3 and 0 <= report["best_epoch"] < 3
+    assert set(report["test"]) == {"indexer", "recency", "random", "snapkv"}
+    assert report["label_stats"]["train"]["positions"] > 0
+    # The saved indexer scores shard data exactly like the trained one did.
+    data = ShardData(root / "dump", "test")
+    b = data.batch(torch.arange(len(data)))
+    keys = {la: idx.encode_features(la, b.features[la], b.chunk_start) for la in (0, 1)}
+    logits = idx.score(b.hidden, b.position, keys)
+    assert logits.shape == b.target.shape and torch.isfinite(logits).all()
+
+
+def test_training_reduces_the_loss(setup):
+    root, _, _ = setup
+    out = root / "indexer_kl"
+    args = ["train", "--data", str(root / "dump"), "--out", str(out), "--epochs", "6",
+            "--batch-size", "8", "--n-heads", "2", "--index-dim", "16", "--q-rank", "8",
+            "--rope-dim", "8", "--lr", "1e-2", "--quiet", "--loss", "kl"]  # fmt: skip
+    assert main(args) == 0
+    hist = json.loads((out / "metrics.json").read_text())["history"]
+    assert hist[-1]["loss"] < hist[0]["loss"]
+
+
+def test_shard_split_is_by_document(setup):
+    root, _, _ = setup
+    train, test = ShardData(root / "dump", "train"), ShardData(root / "dump", "test")
+    assert set(train.doc_ids) == {"d0", "d1", "d4"} and test.doc_ids == ["d3"]
+    assert len(train) + len(test) + len(ShardData(root / "dump", "val")) == len(
+        ShardData(root / "dump")
+    )
