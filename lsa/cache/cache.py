@@ -1,0 +1,823 @@
+"""LSACache: a physically compressed KV cache for transformers ``generate()``.
+
+Data layout (``B`` rows, ``L`` decoder layers, ``H`` KV heads, head dim ``D``, chunk size ``cs``)::
+
+    host   mirror     per layer, chunk-major segments [B, 64, 2, H, cs, D]   (pinned on CUDA)
+    device reserve    per layer, K and V [B, H, n_slots, cs, D]               (resident + tail)
+           block_table  [B, 1, n_slots] int32, logical chunk per slot, -1 = empty (shared by layers)
+           kv_len       [B] int32, logical length per row
+           chunk keys   per scorer target layer [B, n_chunks_cap, key_dim]
+
+Rows are left-padded batches: row ``b``'s *logical* positions start at its first real token, so its
+chunk 0 starts there and padding never enters a chunk; ``kv_len[b]`` counts real tokens only.
+
+Life of a request:
+
+1. prefill (the cache is empty): dense SDPA over the prompt with the model's mask; every layer's
+   prompt K/V go to the mirror (all tokens, the partial last chunk too); the scorer's
+   ``encode_chunks`` turns each completed chunk into a chunk key (target layers only).
+2. refresh, at the first decode step and every ``refresh_every`` decode steps after it: the scorer
+   scores the completed chunks of each row from the attention input captured at its target layers
+   (forward pre-hooks, no model code changed); :func:`lsa.select_chunks` makes the row's keep mask;
+   evicted chunks free their slots; only *newly* resident chunks are copied mirror -> reserve (on
+   CUDA on a side stream, one copy per run of consecutive chunks, each layer signalling an event
+   its next decode step waits on). The chunk being written (the tail) always stays resident.
+3. decode step: the new token's K/V are written into the reserve slot of its chunk (a new chunk
+   takes a free slot); a chunk that completes is copied to the mirror (one contiguous copy per
+   layer) and encoded. Attention is one :func:`lsa.reserve_attention` call over the reserve, so it
+   sees the resident chunks and the whole tail. Nothing is ever dropped.
+
+Budget and threshold apply to each row's *completed* chunks; the tail (the partial chunk and the
+chunks begun since the last refresh) is resident on top of it and counted in :meth:`footprint`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import math
+import weakref
+from numbers import Integral
+
+import torch
+from transformers.cache_utils import Cache
+
+from lsa._validation import check_backend, check_budget, check_int
+from lsa.attention import reserve_attention
+from lsa.cache.attention import ATTN_IMPLEMENTATION, hand_over, register_lsa_attention
+from lsa.cache.layer import LSALayer
+from lsa.cache.mirror import HostMirror
+from lsa.cache.model import attention_modules, check_layer_types, text_config
+from lsa.cache.records import Footprint, RecallStats, RefreshRecord
+from lsa.compiled.flex import FlexPlan, flex_attend, flex_supports, reserve_block_mask, use_fold
+from lsa.indexer.scorer import ChunkScorer
+from lsa.reference.select import select_chunks
+
+
+class LSACache(Cache):
+    """A KV cache whose full history lives in a host mirror and whose device side holds only the
+    chunks a scorer predicts for the next ``refresh_every`` steps (plus sink, recent and tail).
+
+    Use::
+
+        model.set_attn_implementation("lsa")   # LSACache registers "lsa" with transformers
+        cache = LSACache(model, scorer, budget=0.1)
+        out = model.generate(input_ids, attention_mask=mask, cache=cache, max_new_tokens=256)
+        cache.reset()                           # before the next request
+
+    Args:
+        model: the decoder (``*ForCausalLM``); its config must have full attention in every layer.
+            The model itself (not only its config) is needed to capture, with forward pre-hooks,
+            the attention input at the scorer's target layers.
+        scorer: a :class:`lsa.indexer.scorer.ChunkScorer` (required; there is no default).
+        budget: chunks kept per row among its completed chunks: an int count or a fraction in
+            (0, 1] (rounded up), sink and recent included, as in :func:`lsa.select_chunks`.
+        threshold: keep chunks whose logit exceeds it (capped by ``budget`` when both are given).
+        refresh_every: τ, decode steps between refreshes (the first is at the first decode step).
+        chunk_size: tokens per chunk; must equal ``scorer.chunk_size`` (default: that value).
+        sink_chunks / recent_chunks: the first / last completed chunks, always kept.
+        device: where the reserve lives (default: the model's device).
+        host_device: where the mirror lives (default "cpu"; pinned when ``device`` is CUDA).
+        backend: ``reserve_attention`` backend ("auto" picks the fastest available).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        scorer: ChunkScorer,
+        *,
+        budget: int | float | None = None,
+        threshold: float | None = None,
+        refresh_every: int = 64,
+        chunk_size: int | None = None,
+        sink_chunks: int = 1,
+        recent_chunks: int = 1,
+        device: torch.device | str | None = None,
+        host_device: torch.device | str = "cpu",
+        backend: str = "auto",
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                "LSACache needs the model (an nn.Module), not only its config: it captures the "
+                "scorer's hidden states with forward pre-hooks on the attention modules; got "
+                f"{type(model).__name__}"
+            )
+        config = text_config(model)
+        check_layer_types(config)
+        n_layers = config.num_hidden_layers
+        check_budget(budget, threshold)
+        if budget is not None and isinstance(budget, Integral) and not isinstance(budget, bool):
+            budget = int(budget)
+        self.refresh_every = check_int("refresh_every", refresh_every, minimum=1)
+        self.sink_chunks = check_int("sink_chunks", sink_chunks, minimum=0)
+        self.recent_chunks = check_int("recent_chunks", recent_chunks, minimum=0)
+        self.backend = check_backend(backend)
+        self.budget = budget
+        self.threshold = None if threshold is None else float(threshold)
+        self._check_scorer(scorer, config, n_layers)
+        if chunk_size is None:
+            chunk_size = scorer.chunk_size
+        self.chunk_size = check_int("chunk_size", chunk_size, minimum=1)
+        if self.chunk_size != scorer.chunk_size:
+            raise ValueError(
+                f"chunk_size ({self.chunk_size}) must equal the scorer's chunk_size "
+                f"({scorer.chunk_size}): chunk keys are computed per chunk"
+            )
+        self.scorer = scorer
+        self.target_layers = tuple(int(i) for i in scorer.target_layers)
+        if device is None:
+            param = next(model.parameters(), None)
+            device = param.device if param is not None else "cpu"
+        self.device = torch.device(device)
+        self.host_device = torch.device(host_device)
+        self.pin = self.device.type == "cuda" and self.host_device.type == "cpu"
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._model_config = model.config
+        self.num_layers = n_layers
+
+        register_lsa_attention()
+        super().__init__(layers=[LSALayer(self, i) for i in range(n_layers)])
+        modules = attention_modules(model, n_layers)
+        ref = weakref.ref(self)
+        self._hooks = [
+            modules[i].register_forward_pre_hook(_capture_hook(ref, i), with_kwargs=True)
+            for i in self.target_layers
+        ]
+        self.recall_stats = RecallStats()
+        self._new_request()
+
+    # ----------------------------------------------------------------------------------------
+    # set-up and validation
+
+    @staticmethod
+    def _check_scorer(scorer: object, config, n_layers: int) -> None:
+        if not isinstance(scorer, ChunkScorer):
+            raise TypeError(
+                "scorer must implement lsa.indexer.scorer.ChunkScorer (chunk_size, target_layers, "
+                f"encode_chunks, score), got {type(scorer).__name__}"
+            )
+        layers = tuple(scorer.target_layers)
+        if not layers:
+            raise ValueError("scorer.target_layers is empty: the scorer must read >= 1 layer")
+        bad = [i for i in layers if not isinstance(i, Integral) or not 0 <= i < n_layers]
+        if bad:
+            raise ValueError(
+                f"scorer.target_layers {layers} do not exist in the model: it has {n_layers} "
+                f"decoder layers (0..{n_layers - 1}), got {bad}"
+            )
+        head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads
+        )
+        model_dims = {
+            "hidden_size": config.hidden_size,
+            "head_dim": head_dim,
+            "num_key_value_heads": getattr(
+                config, "num_key_value_heads", config.num_attention_heads
+            ),
+        }
+        # where a scorer may state them: as attributes, or on its .config (LightningIndexer)
+        aliases = {
+            "hidden_size": ("hidden_size",),
+            "head_dim": ("head_dim", "kv_head_dim"),
+            "num_key_value_heads": ("num_key_value_heads", "kv_heads"),
+        }
+        for name, want in model_dims.items():
+            for owner, prefix in ((scorer, "scorer"), (getattr(scorer, "config", None), "config")):
+                for alias in aliases[name]:
+                    got = getattr(owner, alias, None) if owner is not None else None
+                    if isinstance(got, Integral) and got != want:
+                        where = "scorer." + ("config." if prefix == "config" else "") + alias
+                        raise ValueError(
+                            f"{where} ({got}) does not match the model's {name} ({want}): the "
+                            "scorer was built for another model"
+                        )
+
+    def _new_request(self) -> None:
+        """Forget every per-request state (tensors are freed; hooks and settings stay)."""
+        self.phase = "empty"  # "empty" -> (prefill) -> "decoding"
+        self.seq_len = 0  # physical tokens (padding included), as a DynamicCache counts them
+        self.batch = 0
+        self.pad: list[int] = []
+        self.kv_len_host: list[int] = []
+        self.kv_len: torch.Tensor | None = None  # device int32 [B]
+        self.n_slots = 0
+        self.bt_host: torch.Tensor | None = None  # cpu int32 [B, n_slots], the truth
+        self.block_table: torch.Tensor | None = None  # device int32 [B, 1, n_slots]
+        self.slot_of: list[dict[int, int]] = []
+        self.free: list[list[int]] = []
+        self.tail_first: list[int] = []
+        self.decode_step = 0
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.chunk_keys: dict[int, torch.Tensor] = {}
+        self.refreshes: list[RefreshRecord] = []
+        #: reserve reallocations: (decode step, new n_slots, "refresh" or "decode")
+        self.grows: list[tuple[int, int, str]] = []
+        self._ingested: set[int] = set()
+        self._next_layer = 0
+        self._rows: torch.Tensor | None = None
+        self._tail_slot: torch.Tensor | None = None  # device long [B], slot of the chunk written
+        self._tail_slot_host: list[int] = []
+        self._write_tok: torch.Tensor | None = None
+        self._completing: list[tuple[int, int, int]] = []
+        # FlexAttention plan over the reserve, shared by all layers: it reads kv_len (grown in
+        # place) when it runs, so it is rebuilt only when the block table changes.
+        self._plan: FlexPlan | None = None
+        self.__dict__["_user_defined"] = False
+
+    def reset(self) -> None:
+        """Drop the request: the next forward must be a new prefill. Settings and hooks stay."""
+        if self._stream is not None:
+            self._stream.synchronize()
+        for layer in self.layers:
+            layer.reset()
+        self.recall_stats = RecallStats()
+        self._new_request()
+
+    def close(self) -> None:
+        """Remove the hidden-state hooks from the model (the cache is unusable afterwards)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    # generate() marks a cache passed by the user with `_is_user_defined = True` at the start of
+    # every call: the moment to refuse a cache that still holds another request.
+    @property
+    def _is_user_defined(self) -> bool:
+        return self.__dict__.get("_user_defined", False)
+
+    @_is_user_defined.setter
+    def _is_user_defined(self, value: bool) -> None:
+        if value and (self.phase != "empty" or self._ingested):
+            raise ValueError(self._reuse_message())
+        self.__dict__["_user_defined"] = value
+
+    def _reuse_message(self) -> str:
+        return (
+            f"this LSACache already holds a request ({self.seq_len} tokens, batch {self.batch}); "
+            "call cache.reset() before using it for another request (continuing a request with "
+            "a multi-token input is not supported)"
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # transformers Cache interface
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kw
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one layer's new K/V [B, H_kv, S, D]; return what the "lsa" attention reads."""
+        layer = self.layers[layer_idx]
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        if self.phase == "empty":
+            if layer_idx == 0:
+                impl = getattr(self._model_config, "_attn_implementation", None)
+                if impl != ATTN_IMPLEMENTATION:
+                    raise ValueError(
+                        f"the model runs attn_implementation={impl!r}; LSACache needs "
+                        f"{ATTN_IMPLEMENTATION!r}: call model.set_attn_implementation('lsa')"
+                    )
+            if layer_idx in self._ingested:
+                raise RuntimeError(
+                    f"layer {layer_idx} is prefilled a second time: a previous prefill did not "
+                    "finish; call cache.reset()"
+                )
+            hand_over(layer, key_states, "prefill")
+            return key_states, value_states
+        if key_states.shape[2] != 1:
+            raise ValueError(self._reuse_message())
+        if key_states.shape[0] != self.batch:
+            raise ValueError(
+                f"batch size changed from {self.batch} to {key_states.shape[0]} mid-request; "
+                "call cache.reset() for a new request"
+            )
+        if layer_idx != self._next_layer:
+            raise RuntimeError(
+                f"LSACache expected layer {self._next_layer} next, got layer {layer_idx}"
+            )
+        self._next_layer = (layer_idx + 1) % self.num_layers
+        if layer_idx == 0:
+            self._begin_decode_step()
+        if layer.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(layer.ready)
+            layer.ready = None
+        b, h, _, d = key_states.shape
+        rk = layer.reserve_k.view(b, h, self.n_slots * self.chunk_size, d)
+        rv = layer.reserve_v.view(b, h, self.n_slots * self.chunk_size, d)
+        rk[self._rows, :, self._write_tok] = key_states[:, :, 0]
+        rv[self._rows, :, self._write_tok] = value_states[:, :, 0]
+        if self._completing:
+            self._complete_chunks(layer)
+        hand_over(layer, rk, "decode")
+        return rk, rv
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seq_len
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.seq_len + query_length, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    # ----------------------------------------------------------------------------------------
+    # prefill
+
+    def ingest_prefill(
+        self,
+        layer: LSALayer,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> None:
+        """After the dense prefill attention of ``layer``: prompt K/V [B, H, S, D] -> mirror."""
+        if not self._ingested:
+            self._start_request(key, attention_mask)
+        cs = self.chunk_size
+        b_size, h, s, d = key.shape
+        layer.mirror = HostMirror(
+            b_size, h, cs, d, key.dtype, device=self.host_device, pin=self.pin
+        )
+        layer.mirror.ensure(max(-(-n // cs) for n in [*self.kv_len_host, 1]))  # one segment
+        for b in range(b_size):
+            n = self.kv_len_host[b]
+            n_chunks = -(-n // cs)
+            if n == 0:
+                continue
+            pad = self.pad[b]
+            kv = key.new_zeros((2, h, n_chunks * cs, d))
+            kv[0, :, :n] = key[b, :, pad:]
+            kv[1, :, :n] = value[b, :, pad:]
+            kv = kv.view(2, h, n_chunks, cs, d).permute(2, 0, 1, 3, 4).contiguous()
+            layer.mirror.write_chunks(b, 0, kv)  # [n_chunks, 2, H, cs, D]
+            full = n // cs
+            if layer.layer_idx in self.target_layers and full > 0:
+                start = torch.arange(full, device=key.device)[None] * cs
+                keys = key[b : b + 1, :, pad : pad + full * cs]
+                self._store_chunk_keys(layer.layer_idx, [b], [0], keys, start, full)
+        self._ingested.add(layer.layer_idx)
+        if len(self._ingested) == self.num_layers:
+            self.phase = "decoding"
+            self.seq_len = s
+            self.decode_step = 0
+            self._next_layer = 0
+
+    def _start_request(self, key: torch.Tensor, mask: torch.Tensor | None) -> None:
+        b_size, _, s, _ = key.shape
+        self.batch = b_size
+        self.pad = self._left_padding(mask, b_size, s)
+        self.kv_len_host = [s - p for p in self.pad]
+        self.kv_len = torch.tensor(self.kv_len_host, dtype=torch.int32, device=self.device)
+        self._rows = torch.arange(b_size, device=self.device)
+        self.slot_of = [{} for _ in range(b_size)]
+        self.free = [[] for _ in range(b_size)]
+        self.tail_first = [0] * b_size
+        self._tail_slot_host = [-1] * b_size
+
+    @staticmethod
+    def _left_padding(mask: torch.Tensor | None, b_size: int, s: int) -> list[int]:
+        """Padding per row from the prefill mask: the keys the last prompt token may see."""
+        if mask is None:
+            return [0] * b_size
+        last = mask[:, 0, -1, -s:]
+        visible = last if last.dtype == torch.bool else last == 0
+        visible = visible.expand(b_size, s).cpu()
+        pads = []
+        for b in range(b_size):
+            n = int(visible[b].sum())
+            pad = s - n
+            if not bool(visible[b, pad:].all()):
+                raise ValueError(
+                    f"LSACache supports left padding only: row {b}'s attention mask is not a run "
+                    "of zeros followed by ones"
+                )
+            pads.append(pad)
+        return pads
+
+    # ----------------------------------------------------------------------------------------
+    # decode
+
+    def _begin_decode_step(self) -> None:
+        """Before layer 0 of a decode step: refresh if due, find each row's write slot."""
+        self.decode_step += 1
+        if (self.decode_step - 1) % self.refresh_every == 0:
+            self._refresh()
+        cs = self.chunk_size
+        new_rows, new_slots = [], []
+        table_changed = False
+        self._completing = []
+        for b in range(self.batch):
+            pos = self.kv_len_host[b]
+            c, off = divmod(pos, cs)
+            if c not in self.slot_of[b]:  # a new chunk begins: it joins the tail
+                slot = self._take_slot(b)
+                self.slot_of[b][c] = slot
+                self.bt_host[b, slot] = c
+                table_changed = True
+            slot = self.slot_of[b][c]
+            if slot != self._tail_slot_host[b]:
+                self._tail_slot_host[b] = slot
+                new_rows.append(b)
+                new_slots.append(slot)
+            if off == cs - 1:
+                self._completing.append((b, c, slot))
+            self.kv_len_host[b] = pos + 1
+        if table_changed:
+            self._push_block_table()
+        if new_rows:
+            rows = self._to_device(torch.tensor(new_rows, dtype=torch.long))
+            self._tail_slot[rows] = self._to_device(torch.tensor(new_slots, dtype=torch.long))
+        # position (before this token) -> reserve token index, on the device
+        self._write_tok = self._tail_slot * cs + (self.kv_len.long() % cs)
+        self.kv_len += 1
+        self.seq_len += 1
+
+    def decode_attention(
+        self,
+        layer: LSALayer,
+        query: torch.Tensor,
+        k_reserve: torch.Tensor,
+        v_reserve: torch.Tensor,
+        scaling: float | None,
+    ) -> torch.Tensor:
+        """Attention of one decode step over the reserve; returns [B, S_q, H_q, D]."""
+        if self._flex_serves(query):
+            if self._plan is None or self._plan.rows != self._rows_for(query, k_reserve):
+                self._plan = reserve_block_mask(
+                    self.block_table,
+                    self.kv_len,
+                    chunk_size=self.chunk_size,
+                    heads_q=query.shape[1],
+                    heads_kv=k_reserve.shape[1],
+                    len_q=query.shape[2],
+                )
+            out = flex_attend(query, k_reserve, v_reserve, self._plan, scale=scaling)
+            return out.transpose(1, 2).contiguous()
+        out = reserve_attention(
+            query,
+            k_reserve,
+            v_reserve,
+            self.block_table,
+            self.kv_len,
+            chunk_size=self.chunk_size,
+            causal=True,
+            scale=scaling,
+            enable_gqa=query.shape[1] != k_reserve.shape[1],
+            backend=self.backend,
+        )
+        return out.transpose(1, 2).contiguous()
+
+    def _flex_serves(self, query: torch.Tensor) -> bool:
+        """backend="flex": one plan per block table, shared by layers and steps. Other backends
+        ("auto" picks fused SDPA on CUDA) go through reserve_attention."""
+        if self.backend != "flex":
+            return False
+        reason = flex_supports(query, self.chunk_size)
+        if reason is not None:
+            raise ValueError(f"backend='flex' cannot serve this cache: {reason}")
+        return True
+
+    @staticmethod
+    def _rows_for(query: torch.Tensor, k_reserve: torch.Tensor) -> int:
+        heads_q, heads_kv = query.shape[1], k_reserve.shape[1]
+        fold = use_fold(heads_q, heads_kv, False, query.device)
+        return (heads_q // heads_kv) * query.shape[2] if fold else query.shape[2]
+
+    def _complete_chunks(self, layer: LSALayer) -> None:
+        """Chunks whose last token was just written: copy to the mirror, encode if a target."""
+        rows, chunks, keys = [], [], []
+        for b, c, slot in self._completing:
+            kv = torch.stack([layer.reserve_k[b, :, slot], layer.reserve_v[b, :, slot]])
+            layer.mirror.write_chunks(b, c, kv[None])
+            rows.append(b)
+            chunks.append(c)
+            keys.append(layer.reserve_k[b, :, slot])
+        if layer.layer_idx in self.target_layers:
+            start = self._to_device(torch.tensor(chunks))[:, None] * self.chunk_size
+            self._store_chunk_keys(layer.layer_idx, rows, chunks, torch.stack(keys), start, 1)
+
+    def _store_chunk_keys(
+        self,
+        layer_idx: int,
+        rows: list[int],
+        first: list[int],
+        keys: torch.Tensor,
+        start: torch.Tensor,
+        n: int,
+    ) -> None:
+        """Encode ``n`` chunks per given row (keys [len(rows), H, n*cs, D]) and store them."""
+        with torch.no_grad():
+            ck = self.scorer.encode_chunks(layer_idx, keys, start)
+        if not isinstance(ck, torch.Tensor) or ck.dim() != 3 or ck.shape[:2] != (len(rows), n):
+            got = tuple(ck.shape) if isinstance(ck, torch.Tensor) else type(ck).__name__
+            raise ValueError(
+                f"scorer.encode_chunks(layer={layer_idx}) must return [{len(rows)}, {n}, "
+                f"key_dim] for keys of shape {tuple(keys.shape)}, got {got}: do the scorer's "
+                "dims match the model?"
+            )
+        ck = ck.detach().to(self.device)
+        store = self.chunk_keys.get(layer_idx)
+        need = max(first) + n
+        if store is None or store.shape[1] < need or store.shape[2] != ck.shape[2]:
+            if store is not None and store.shape[2] != ck.shape[2]:
+                raise ValueError(
+                    f"scorer.encode_chunks(layer={layer_idx}) changed key_dim from "
+                    f"{store.shape[2]} to {ck.shape[2]}"
+                )
+            cap = max(need, 2 * (store.shape[1] if store is not None else 0), 16)
+            grown = ck.new_zeros((self.batch, cap, ck.shape[2]))
+            if store is not None:
+                grown[:, : store.shape[1]] = store
+            store = self.chunk_keys[layer_idx] = grown
+        for i, (b, c) in enumerate(zip(rows, first, strict=True)):
+            store[b, c : c + n] = ck[i]
+
+    # ----------------------------------------------------------------------------------------
+    # refresh and recall
+
+    def _refresh(self) -> None:
+        cs = self.chunk_size
+        n_done = [n // cs for n in self.kv_len_host]
+        n_max = max(n_done, default=0)
+        logits_cpu = None
+        if n_max > 0:
+            missing = [i for i in self.target_layers if i not in self.hidden]
+            if missing:
+                raise RuntimeError(
+                    f"no hidden state was captured at the scorer's target layers {missing}: the "
+                    "model did not pass this cache to its attention modules as cache="
+                )
+            position = torch.tensor(
+                [max(n - 1, 0) for n in self.kv_len_host], dtype=torch.long, device=self.device
+            )
+            keys = {i: self.chunk_keys[i][:, :n_max] for i in self.target_layers}
+            hidden = {i: self.hidden[i] for i in self.target_layers}
+            with torch.no_grad():
+                logits = self.scorer.score(hidden, position, keys)
+            if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (self.batch, n_max):
+                got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
+                raise ValueError(
+                    f"scorer.score must return logits [B={self.batch}, n_chunks={n_max}], got {got}"
+                )
+            logits_cpu = logits.detach().float().cpu()
+        keeps, row_logits, wants = [], [], []
+        for b in range(self.batch):
+            n = n_done[b]
+            if n > 0:
+                row = logits_cpu[b, :n]
+                if not bool(torch.isfinite(row).all()):
+                    raise ValueError(
+                        f"scorer.score returned non-finite logits for row {b} at decode step "
+                        f"{self.decode_step}"
+                    )
+                keep = select_chunks(
+                    row[None, None],
+                    budget=self.budget,
+                    threshold=self.threshold,
+                    sink_chunks=self.sink_chunks,
+                    recent_chunks=self.recent_chunks,
+                )[0, 0]
+            else:
+                row, keep = None, torch.zeros(0, dtype=torch.bool)
+            want = set(keep.nonzero().flatten().tolist())
+            if self.kv_len_host[b] % cs:
+                want.add(n)  # the partial chunk stays resident: it is the tail
+            keeps.append(keep)
+            row_logits.append(row)
+            wants.append(want)
+        # evict, make room, then place the newly resident chunks
+        plan: list[list[tuple[int, int]]] = []
+        for b, want in enumerate(wants):
+            for c in [c for c in self.slot_of[b] if c not in want]:
+                slot = self.slot_of[b].pop(c)
+                self.bt_host[b, slot] = -1
+                heapq.heappush(self.free[b], slot)
+        # chunks begun before the next refresh: the τ tokens written from here on start at most
+        # ceil(τ / cs) chunks beyond the partial one (already in `want`)
+        tail_room = math.ceil(self.refresh_every / cs)
+        need = max(len(w) for w in wants) + tail_room
+        if need > self.n_slots:
+            self._grow(max(need, math.ceil(self.n_slots * 1.25)), "refresh")
+        for b, want in enumerate(wants):
+            new = sorted(c for c in want if c not in self.slot_of[b])
+            pairs = []
+            for c in new:
+                slot = heapq.heappop(self.free[b])
+                self.slot_of[b][c] = slot
+                self.bt_host[b, slot] = c
+                pairs.append((c, slot))
+            plan.append(pairs)
+            self.tail_first[b] = n_done[b]
+        moved = self._recall(plan)
+        self._push_block_table()
+        self.refreshes.append(
+            RefreshRecord(
+                step=self.decode_step,
+                kv_len=list(self.kv_len_host),
+                logits=row_logits,
+                keep=keeps,
+                resident=[sorted(s) for s in self.slot_of],
+                recalled=[len(p) for p in plan],
+                recalled_bytes=moved,
+            )
+        )
+
+    def _recall(self, plan: list[list[tuple[int, int]]]) -> int:
+        """Copy newly resident chunks mirror -> reserve, every layer; returns bytes moved."""
+        if not any(plan):
+            return 0
+        stream = self._stream
+        timing = None
+        if stream is not None:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+            stream.wait_event(ready)  # slots being refilled were read by the previous step
+            timing = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            timing[0].record(stream)
+        moved = 0
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        with ctx:
+            for layer in self.layers:
+                mirror = layer.mirror
+                for b, pairs in enumerate(plan):
+                    if not pairs:
+                        continue
+                    staging = torch.empty(
+                        (len(pairs), 2, layer.heads_kv, self.chunk_size, layer.head_dim),
+                        dtype=layer.dtype,
+                        device=self.device,
+                    )
+                    j = 0
+                    for first, count in _runs([c for c, _ in pairs]):
+                        for off, view in mirror.runs(b, first, count):
+                            n = view.shape[0]
+                            staging[j + off : j + off + n].copy_(view, non_blocking=self.pin)
+                            self.recall_stats.copies += 1
+                        j += count
+                    slots = self._to_device(torch.tensor([s for _, s in pairs], dtype=torch.long))
+                    layer.reserve_k[b, :, slots] = staging[:, 0].transpose(0, 1)
+                    layer.reserve_v[b, :, slots] = staging[:, 1].transpose(0, 1)
+                    nbytes = staging.numel() * staging.element_size()
+                    moved += nbytes
+                    self.recall_stats.chunks += len(pairs)
+                if stream is not None:
+                    layer.ready = torch.cuda.Event()
+                    layer.ready.record(stream)
+        if timing is not None:
+            timing[1].record(stream)
+            self.recall_stats.events.append((timing[0], timing[1], moved))
+        self.recall_stats.bytes += moved
+        return moved
+
+    def _take_slot(self, b: int) -> int:
+        if not self.free[b]:
+            self._grow(max(self.n_slots + 1, math.ceil(self.n_slots * 1.25)), "decode")
+        return heapq.heappop(self.free[b])
+
+    def _grow(self, n_slots: int, where: str) -> None:
+        """Enlarge every layer's reserve to ``n_slots`` slots (rare: budgets grow with length)."""
+        old = self.n_slots
+        self._plan = None
+        self.grows.append((self.decode_step, n_slots, where))
+        if self._stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        for layer in self.layers:
+            for name in ("reserve_k", "reserve_v"):
+                grown = torch.zeros(
+                    (self.batch, layer.heads_kv, n_slots, self.chunk_size, layer.head_dim),
+                    dtype=layer.dtype,
+                    device=self.device,
+                )
+                current = getattr(layer, name)
+                if current is not None:
+                    grown[:, :, :old] = current
+                setattr(layer, name, grown)
+        table = torch.full((self.batch, n_slots), -1, dtype=torch.int32)
+        if self.bt_host is not None:
+            table[:, :old] = self.bt_host
+        self.bt_host = table
+        for heap in self.free:
+            for s in range(old, n_slots):
+                heapq.heappush(heap, s)
+        if self._tail_slot is None:
+            self._tail_slot = torch.zeros(self.batch, dtype=torch.long, device=self.device)
+        self.n_slots = n_slots
+
+    def _push_block_table(self) -> None:
+        self.block_table = self._to_device(self.bt_host.clone()).view(self.batch, 1, self.n_slots)
+        self._plan = None  # a flex plan reads the table it was built from
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A fresh host tensor to the device (pinned, async on CUDA; the source is not reused)."""
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    # ----------------------------------------------------------------------------------------
+    # inspection
+
+    def flush(self) -> None:
+        """Copy each row's partially written last chunk to the mirror and wait for all copies;
+        afterwards :meth:`mirror_kv` holds every token. (Completed chunks reach the mirror as
+        soon as they complete; the chunk being written lives in the device tail until then.)"""
+        if self.phase != "decoding":
+            return
+        cs = self.chunk_size
+        for layer in self.layers:
+            if layer.ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(layer.ready)
+                layer.ready = None
+            for b in range(self.batch):
+                n = self.kv_len_host[b]
+                c = n // cs
+                if n % cs == 0 or c not in self.slot_of[b]:
+                    continue  # no partial chunk, or it is still the prompt's (already mirrored)
+                slot = self.slot_of[b][c]
+                kv = torch.stack([layer.reserve_k[b, :, slot], layer.reserve_v[b, :, slot]])
+                layer.mirror.write_chunks(b, c, kv[None])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def mirror_kv(self, layer_idx: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per row, the layer's full logical K/V history from the mirror: ([H, n, D], [H, n, D]).
+
+        Row ``b`` equals a DynamicCache's ``keys[b, :, pad_b:]`` for the same inputs."""
+        self.flush()
+        mirror = self.layers[layer_idx].mirror
+        return [mirror.tokens(b, n) for b, n in enumerate(self.kv_len_host)]
+
+    def resident_chunks(self) -> list[list[int]]:
+        """Per row, the logical chunks now in the reserve (resident set + tail), sorted."""
+        return [sorted(s) for s in self.slot_of]
+
+    def footprint(self) -> Footprint:
+        """Device and host bytes from real storage sizes, against a dense DynamicCache."""
+
+        def nbytes(t: torch.Tensor | None) -> int:
+            return 0 if t is None else t.untyped_storage().nbytes()
+
+        reserve = sum(layer.device_nbytes() for layer in self.layers)
+        tail_slots = sum(
+            1
+            for b in range(self.batch)
+            for c in self.slot_of[b]
+            if c >= self.tail_first[b] and self.phase == "decoding"
+        )
+        slot_bytes = sum(
+            2 * layer.heads_kv * self.chunk_size * layer.head_dim * layer.dtype.itemsize
+            for layer in self.layers
+            if layer.dtype is not None
+        )
+        host = sum(layer.mirror.nbytes() for layer in self.layers if layer.mirror is not None)
+        dense = sum(
+            2 * self.batch * layer.heads_kv * self.seq_len * layer.head_dim * layer.dtype.itemsize
+            for layer in self.layers
+            if layer.dtype is not None
+        )
+        cs = self.chunk_size
+        return Footprint(
+            reserve_bytes=reserve,
+            tail_bytes=tail_slots * slot_bytes,
+            block_table_bytes=nbytes(self.block_table),
+            chunk_key_bytes=sum(nbytes(t) for t in self.chunk_keys.values()),
+            other_device_bytes=nbytes(self.kv_len) + nbytes(self._tail_slot),
+            host_bytes=host,
+            dense_bytes=dense,
+            resident_chunks=tuple(len(s) for s in self.slot_of),
+            total_chunks=tuple(-(-n // cs) for n in self.kv_len_host),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"LSACache(layers={self.num_layers}, budget={self.budget}, threshold="
+            f"{self.threshold}, refresh_every={self.refresh_every}, chunk_size={self.chunk_size}, "
+            f"phase={self.phase!r}, seq_len={self.seq_len})"
+        )
+
+
+def _runs(chunks: list[int]) -> list[tuple[int, int]]:
+    """Sorted chunk ids -> (first, count) runs of consecutive ids."""
+    runs: list[tuple[int, int]] = []
+    for c in chunks:
+        if runs and runs[-1][0] + runs[-1][1] == c:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((c, 1))
+    return runs
+
+
+def _capture_hook(ref: weakref.ref, layer_idx: int):
+    """Forward pre-hook on a target layer's attention module: keep its input's last token."""
+
+    def hook(module, args, kwargs):
+        cache = ref()
+        if cache is None:
+            return None
+        passed = kwargs.get("cache", kwargs.get("past_key_values"))
+        if passed is not cache:
+            return None
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if hidden is not None:
+            cache.hidden[layer_idx] = hidden[:, -1].detach().clone()
+        return None
+
+    return hook

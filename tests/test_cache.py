@@ -1,0 +1,454 @@
+"""LSACache on tiny random decoders: exactness at full budget, the mirror, the policy, batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+import lsa
+from lsa.cache import LSACache
+from lsa.cache.standin import ChunkMeanKeyScorer
+from lsa.reference.select import budget_count, forced_chunks
+
+VOCAB = 128
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=2048,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=0,
+)
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+
+
+def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(**TINY)).eval()
+
+
+def tiny_qwen3(seed: int = 0) -> Qwen3ForCausalLM:
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(Qwen3Config(**TINY, head_dim=16)).eval()
+
+
+def tiny_mistral(seed: int = 0) -> MistralForCausalLM:
+    torch.manual_seed(seed)
+    return MistralForCausalLM(MistralConfig(**TINY, sliding_window=None)).eval()
+
+
+def prompt(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts of the given lengths: (input_ids, attention_mask)."""
+    g = torch.Generator().manual_seed(seed)
+    s = max(lengths)
+    ids = torch.zeros((len(lengths), s), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        ids[b, s - n :] = torch.randint(3, VOCAB, (n,), generator=g)
+        mask[b, s - n :] = 1
+    return ids, mask
+
+
+def generate(model, ids, mask, cache, new_tokens):
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        cache=cache,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    return out.sequences, torch.stack(out.logits, dim=1)  # [B, T], [B, new, vocab]
+
+
+def dense_generate(model, ids, mask, new_tokens):
+    model.set_attn_implementation("sdpa")
+    try:
+        return generate(model, ids, mask, DynamicCache(), new_tokens)
+    finally:
+        model.set_attn_implementation("lsa")
+
+
+def lsa_model(factory=tiny_llama):
+    model = factory()
+    model.set_attn_implementation("lsa")
+    return model
+
+
+def make_cache(model, *, target_layers=(1,), chunk_size=16, **kw) -> LSACache:
+    kw.setdefault("refresh_every", 8)
+    scorer = ChunkMeanKeyScorer(model, target_layers, chunk_size)
+    return LSACache(model, scorer, **kw)
+
+
+class Recorder:
+    """Wraps cache.update to keep every K/V it was given, per layer."""
+
+    def __init__(self, cache: LSACache):
+        self.k: dict[int, list[torch.Tensor]] = {}
+        self.v: dict[int, list[torch.Tensor]] = {}
+        inner = cache.update
+
+        def update(k, v, layer_idx, *args, **kw):
+            self.k.setdefault(layer_idx, []).append(k.detach().clone())
+            self.v.setdefault(layer_idx, []).append(v.detach().clone())
+            return inner(k, v, layer_idx, *args, **kw)
+
+        cache.update = update
+
+    def full(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything written to ``layer``: [B, H, S_physical, D] each."""
+        return torch.cat(self.k[layer], dim=2), torch.cat(self.v[layer], dim=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: a second intra-op thread only adds spin-wait on a shared 2-core machine
+    (65 ms instead of 0.4 ms per reference attention call under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [tiny_llama, tiny_qwen2, tiny_qwen3, tiny_mistral],
+    ids=["llama", "qwen2", "qwen3", "mistral"],
+)
+def test_full_budget_is_token_identical_to_dynamic_cache(factory):
+    model = lsa_model(factory)
+    ids, mask = prompt([70])
+    ref_seq, ref_logits = dense_generate(model, ids, mask, 48)
+    cache = make_cache(model, budget=1.0)
+    seq, logits = generate(model, ids, mask, cache, 48)
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert len(cache.refreshes) == 6  # steps 1, 9, ..., 41 of 47 decode forwards
+    # everything is resident: each row's resident set is all chunks
+    assert cache.footprint().resident_chunks == cache.footprint().total_chunks
+
+
+def test_mirror_holds_exactly_what_was_written_at_low_budget():
+    model = lsa_model()
+    ids, mask = prompt([75, 50])
+    cache = make_cache(model, budget=0.25, refresh_every=5)
+    rec = Recorder(cache)
+    generate(model, ids, mask, cache, 60)
+    for layer in range(model.config.num_hidden_layers):
+        k_all, v_all = rec.full(layer)
+        rows = cache.mirror_kv(layer)
+        for b, (k, v) in enumerate(rows):
+            pad = cache.pad[b]
+            assert k.shape[1] == k_all.shape[2] - pad
+            assert torch.equal(k, k_all[b, :, pad:])
+            assert torch.equal(v, v_all[b, :, pad:])
+
+
+def test_mirror_matches_dynamic_cache_contents():
+    model = lsa_model()
+    ids, mask = prompt([70, 33])
+    dense = DynamicCache()
+    model.set_attn_implementation("sdpa")
+    generate(model, ids, mask, dense, 30)
+    model.set_attn_implementation("lsa")
+    cache = make_cache(model, budget=1.0)
+    generate(model, ids, mask, cache, 30)
+    s = ids.shape[1]
+    for layer in range(model.config.num_hidden_layers):
+        dk, dv = dense.layers[layer].keys, dense.layers[layer].values
+        for b, (k, v) in enumerate(cache.mirror_kv(layer)):
+            pad = cache.pad[b]
+            assert k.shape[1] == dk.shape[2] - pad
+            # the prompt went through the same dense prefill: bit-identical
+            assert torch.equal(k[:, : s - pad], dk[b, :, pad:s])
+            assert torch.equal(v[:, : s - pad], dv[b, :, pad:s])
+            torch.testing.assert_close(k, dk[b, :, pad:], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v, dv[b, :, pad:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        dict(budget=0.3),
+        dict(budget=3, sink_chunks=1, recent_chunks=1),
+        dict(threshold=0.0, sink_chunks=2, recent_chunks=0),
+        dict(budget=0.5, threshold=0.0, sink_chunks=0, recent_chunks=2),
+    ],
+    ids=["fraction", "count", "threshold", "both"],
+)
+def test_keep_masks_follow_the_policy_at_every_refresh(policy):
+    model = lsa_model()
+    ids, mask = prompt([120, 90])
+    cache = make_cache(model, chunk_size=8, refresh_every=6, **policy)
+    generate(model, ids, mask, cache, 40)
+    assert [r.step for r in cache.refreshes] == list(range(1, 40, 6))
+    sink, recent = cache.sink_chunks, cache.recent_chunks
+    for rec in cache.refreshes:
+        for b in range(2):
+            n = rec.kv_len[b] // 8
+            keep, logits = rec.keep[b], rec.logits[b]
+            assert keep.shape == (n,) and logits.shape == (n,)
+            expected = lsa.select_chunks(
+                logits[None, None],
+                budget=policy.get("budget"),
+                threshold=policy.get("threshold"),
+                sink_chunks=sink,
+                recent_chunks=recent,
+            )[0, 0]
+            assert torch.equal(keep, expected)
+            forced = forced_chunks(n, sink, recent)
+            assert bool(keep[forced].all()), "forced chunks must be resident"
+            if "budget" in policy:
+                cap = max(budget_count(policy["budget"], n), int(forced.sum()))
+                assert int(keep.sum()) <= cap
+            if "threshold" in policy:
+                assert bool((logits[keep & ~forced] > policy["threshold"]).all())
+            tail = [n] if rec.kv_len[b] % 8 else []
+            assert rec.resident[b] == sorted(keep.nonzero().flatten().tolist() + tail)
+    # not everything is resident: the policy really evicts
+    assert any(len(r.resident[0]) < r.kv_len[0] // 8 for r in cache.refreshes)
+
+
+@pytest.mark.parametrize(
+    ("backend", "cs", "lengths"), [("reference", 8, [90, 61]), ("flex", 16, [170, 121])]
+)
+def test_sparse_decode_equals_reference_over_the_full_history(backend, cs, lengths):
+    """Each decode step's attention = lsa.sparse_attention over the whole logical history with
+    keep = the chunks in the block table (resident set + tail), for each reserve backend (flex
+    reuses one plan across layers and steps until the block table changes)."""
+    model = lsa_model()
+    ids, mask = prompt(lengths)
+    cache = make_cache(model, budget=0.3, chunk_size=cs, refresh_every=5, backend=backend)
+    rec = Recorder(cache)
+    inner = cache.decode_attention
+    checked = []
+
+    def checking(layer, query, k_res, v_res, scaling):
+        out = inner(layer, query, k_res, v_res, scaling)  # [B, 1, H_q, D]
+        k_all, v_all = rec.full(layer.layer_idx)
+        for b in range(cache.batch):
+            pad, n = cache.pad[b], cache.kv_len_host[b]
+            k, v = k_all[b : b + 1, :, pad:], v_all[b : b + 1, :, pad:]
+            assert k.shape[2] == n
+            n_chunks = -(-n // cs)
+            keep = torch.zeros(n_chunks, dtype=torch.bool)
+            keep[cache.resident_chunks()[b]] = True
+            ref = lsa.sparse_attention(
+                query[b : b + 1],
+                k,
+                v,
+                keep=keep[None, None],
+                chunk_size=cs,
+                scale=scaling,
+                enable_gqa=True,
+                backend="reference",
+            )
+            torch.testing.assert_close(out[b : b + 1].transpose(1, 2), ref, atol=1e-5, rtol=1e-5)
+            checked.append(int(keep.sum()) < n_chunks)
+        return out
+
+    cache.decode_attention = checking
+    generate(model, ids, mask, cache, 25)
+    assert len(checked) == 24 * 3 * 2
+    assert sum(checked) > len(checked) // 2, "most checks must run with chunks evicted"
+
+
+def test_reset_isolates_requests():
+    model = lsa_model()
+    a_ids, a_mask = prompt([80], seed=3)
+    b_ids, b_mask = prompt([50], seed=4)
+    fresh = make_cache(model, budget=0.3)
+    b_seq, b_logits = generate(model, b_ids, b_mask, fresh, 30)
+
+    cache = make_cache(model, budget=0.3)
+    generate(model, a_ids, a_mask, cache, 30)
+    with pytest.raises(ValueError, match=r"reset\(\)"):
+        generate(model, b_ids, b_mask, cache, 30)
+    cache.reset()
+    assert cache.footprint().device_bytes == 0 and cache.footprint().host_bytes == 0
+    seq, logits = generate(model, b_ids, b_mask, cache, 30)
+    assert torch.equal(seq, b_seq)
+    assert torch.equal(logits, b_logits)
+    assert [r.resident for r in cache.refreshes] == [r.resident for r in fresh.refreshes]
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.3])
+def test_left_padded_batch_matches_unbatched_rows(budget):
+    model = lsa_model()
+    lengths = [83, 47, 20]
+    ids, mask = prompt(lengths)
+    cache = make_cache(model, budget=budget)
+    seq, logits = generate(model, ids, mask, cache, 40)
+    assert cache.pad == [0, 36, 63]
+    s = ids.shape[1]
+    for b, n in enumerate(lengths):
+        one = make_cache(model, budget=budget)
+        row_seq, row_logits = generate(model, ids[b : b + 1, s - n :], None, one, 40)
+        assert torch.equal(seq[b, s - n :], row_seq[0])
+        torch.testing.assert_close(logits[b], row_logits[0], atol=1e-4, rtol=1e-4)
+        # the row's own chunks, keep masks and refreshes
+        assert [r.resident[b] for r in cache.refreshes] == [r.resident[0] for r in one.refreshes]
+
+
+def test_long_generation_never_drops_a_token():
+    model = lsa_model()
+    ids, mask = prompt([40, 25])
+    cache = make_cache(model, budget=2, chunk_size=8, refresh_every=4)
+    rec = Recorder(cache)
+    new = 150
+    generate(model, ids, mask, cache, new)
+    fp = cache.footprint()
+    assert fp.total_chunks == (-(-(40 + new - 1) // 8), -(-(25 + new - 1) // 8))
+    assert cache.n_slots < min(fp.total_chunks) // 2, "the reserve is far smaller than history"
+    assert len(cache.refreshes) == -(-(new - 1) // 4)
+    # room for the tail is made at refresh: decode steps never reallocate the reserve
+    assert [g for g in cache.grows if g[2] == "decode"] == []
+    for layer in range(model.config.num_hidden_layers):
+        k_all, v_all = rec.full(layer)
+        for b, (k, v) in enumerate(cache.mirror_kv(layer)):
+            assert k.shape[1] == cache.kv_len_host[b]
+            assert torch.equal(k, k_all[b, :, cache.pad[b] :])
+            assert torch.equal(v, v_all[b, :, cache.pad[b] :])
+
+
+def test_footprint_counts_real_storage():
+    model = lsa_model()
+    ids, mask = prompt([300])
+    cache = make_cache(model, budget=0.1, chunk_size=16, refresh_every=16)
+    generate(model, ids, mask, cache, 20)
+    fp = cache.footprint()
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    per_slot = 2 * cfg.num_key_value_heads * 16 * head_dim * 4  # K+V, fp32
+    assert fp.reserve_bytes == cfg.num_hidden_layers * cache.n_slots * per_slot
+    assert (
+        fp.dense_bytes == cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * 319 * head_dim * 4
+    )
+    # completed chunks are in the mirror; the chunk being written reaches it when it completes
+    assert fp.host_bytes >= fp.dense_bytes - per_slot * cfg.num_hidden_layers
+    cache.flush()
+    assert cache.footprint().host_bytes >= fp.dense_bytes  # now the mirror holds everything
+    assert fp.block_table_bytes == cache.n_slots * 4
+    assert fp.chunk_key_bytes > 0
+    assert 0 < fp.tail_bytes <= fp.reserve_bytes
+    assert fp.device_fraction < 0.5
+    assert fp.resident_chunks[0] < fp.total_chunks[0]
+
+
+@pytest.mark.slow
+def test_smollm2_full_budget_is_token_identical_to_dynamic_cache():
+    models = pytest.importorskip("lsa.models")
+    try:
+        model, _ = models.load_model("smollm2", attn_implementation="sdpa")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    ids = torch.randint(
+        100, model.config.vocab_size, (1, 300), generator=torch.Generator().manual_seed(0)
+    )
+    ref_seq, ref_logits = generate(model, ids, None, DynamicCache(), 24)
+    model.set_attn_implementation("lsa")
+    cache = LSACache(model, ChunkMeanKeyScorer(model, (10, 20), 64), budget=1.0, refresh_every=8)
+    seq, logits = generate(model, ids, None, cache, 24)
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-3, rtol=1e-3)
+    assert len(cache.refreshes) == 3
+
+
+def test_lightning_indexer_drives_the_cache():
+    """The real ChunkScorer (randomly initialised): the cache consumes it without adapters."""
+    lightning = pytest.importorskip("lsa.indexer.lightning")
+    model = lsa_model()
+    config = lightning.IndexerConfig(
+        hidden_size=64,
+        kv_heads=2,
+        kv_head_dim=16,
+        target_layers=(0, 2),
+        chunk_size=8,
+        n_heads=2,
+        index_dim=16,
+        q_rank=16,
+        rope_dim=8,
+    )
+    torch.manual_seed(0)
+    indexer = lightning.LightningIndexer(config, model.model.rotary_emb.inv_freq).eval()
+    cache = LSACache(model, indexer, budget=0.25, refresh_every=6)
+    ids, mask = prompt([100, 64])
+    generate(model, ids, mask, cache, 20)
+    assert len(cache.refreshes) == 4
+    for rec in cache.refreshes:
+        for b in range(2):
+            expected = lsa.select_chunks(rec.logits[b][None, None], budget=0.25)[0, 0]
+            assert torch.equal(rec.keep[b], expected)
+    assert cache.footprint().resident_chunks[0] < cache.footprint().total_chunks[0]
+
+
+def test_refresh_copies_only_newly_resident_chunks():
+    model = lsa_model()
+    ids, mask = prompt([150, 97])
+    cs = 8
+    cache = make_cache(model, budget=0.3, chunk_size=cs, refresh_every=7)
+    generate(model, ids, mask, cache, 50)
+    first = cache.refreshes[0]
+    assert first.recalled == [len(r) for r in first.resident]  # the reserve starts empty
+    for prev, cur in zip(cache.refreshes, cache.refreshes[1:], strict=False):
+        for b in range(2):
+            # resident just before `cur`: prev's set plus every chunk begun since (the tail)
+            begun = range(prev.kv_len[b] // cs, -(-cur.kv_len[b] // cs))
+            before = set(prev.resident[b]) | set(begun)
+            assert cur.recalled[b] == len(set(cur.resident[b]) - before)
+    layers = model.config.num_hidden_layers
+    recalled = sum(sum(r.recalled) for r in cache.refreshes)
+    assert cache.recall_stats.chunks == layers * recalled
+    chunk_bytes = 2 * 2 * cs * 16 * 4  # K+V, 2 KV heads, head dim 16, fp32
+    assert cache.recall_stats.bytes == layers * recalled * chunk_bytes
+    assert sum(r.recalled_bytes for r in cache.refreshes) == cache.recall_stats.bytes
+    # later refreshes move far less than the resident set: hits are not copied again
+    later = sum(sum(r.recalled) for r in cache.refreshes[1:])
+    resident = sum(sum(len(x) for x in r.resident) for r in cache.refreshes[1:])
+    assert later < resident / 2
+
+
+def test_mirror_segments_are_chunk_major_and_grow_without_copying():
+    from lsa.cache.mirror import HostMirror
+
+    m = HostMirror(2, 3, 4, 5, torch.float32, device=torch.device("cpu"), pin=False, seg_chunks=3)
+    m.ensure(5)  # the prompt: one segment of exactly 5 chunks
+    first = m.segments[0]
+    m.ensure(6)
+    m.ensure(9)  # generation: segments of seg_chunks
+    assert [s.shape[1] for s in m.segments] == [5, 3, 3] and m.segments[0] is first
+    kv = torch.randn(9, 2, 3, 4, 5)
+    m.write_chunks(1, 0, kv[:4])
+    m.write_chunks(1, 4, kv[4:])  # crosses two segment borders
+    for c in range(9):
+        assert m.chunk(1, c).is_contiguous() and torch.equal(m.chunk(1, c), kv[c])
+        assert not m.chunk(0, c).any()  # other rows untouched
+    assert [(o, v.shape[0]) for o, v in m.runs(1, 3, 5)] == [(0, 2), (2, 3)]
+    k, v = m.tokens(1, 30)
+    assert torch.equal(k, kv[:, 0].permute(1, 0, 2, 3).reshape(3, 36, 5)[:, :30])
+    assert torch.equal(v, kv[:, 1].permute(1, 0, 2, 3).reshape(3, 36, 5)[:, :30])
+    assert m.nbytes() == 2 * 11 * 2 * 3 * 4 * 5 * 4
