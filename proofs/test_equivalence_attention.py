@@ -26,57 +26,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import example, given, reject, settings
 from hypothesis import strategies as st
+from proving import backend_params, call, prove
 
 import lsa
 from lsa.backends import available_backends
 from lsa.testing import attention_oracle, make_keep, make_qkv, make_scores, visible_keys
 
-
-def _backend_params() -> list:
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    return [
-        pytest.param(
-            device,
-            backend,
-            id=f"{device}-{backend}",
-            marks=(pytest.mark.gpu,) if device == "cuda" else (),
-        )
-        for device in devices
-        for backend in available_backends(device)
-    ]
-
-
-BACKENDS = _backend_params()
-
-# Compiled backends on CPU compile afresh for every new shape (seconds each), so there they prove
-# each property on a share of the examples; the reference, and every backend on CUDA, get all.
-COMPILED_CPU_SHARE = 40
-
-
-def prove(prop, device: str, backend: str, *, examples: int, strategies: dict, explicit=()):
-    """Run ``prop(**drawn)`` under Hypothesis with ``examples`` examples (the explicit ones run
-    first) for the reference or any backend on CUDA, and ``examples // COMPILED_CPU_SHARE`` (at
-    least 2) for other backends on CPU."""
-    if backend != "reference" and device == "cpu":
-        examples = max(2, examples // COMPILED_CPU_SHARE)
-    test = given(**strategies)(prop)
-    for kwargs in explicit:
-        test = example(**kwargs)(test)
-    settings(max_examples=examples)(test)()
-
-
-def call(fn, *args, backend: str, **kwargs):
-    """``fn(*args, backend=backend, **kwargs)``. A backend other than the reference may refuse
-    inputs it cannot serve, with a ValueError naming it ("backend='flex' cannot serve this call:
-    ..."); Hypothesis then draws another example. The reference must serve every input."""
-    try:
-        return fn(*args, backend=backend, **kwargs)
-    except ValueError as err:
-        if backend != "reference" and f"backend={backend!r}" in str(err):
-            reject()
-        raise
+BACKENDS = backend_params(available_backends)
 
 
 CHUNK_SIZES = (1, 3, 16, 32, 64)

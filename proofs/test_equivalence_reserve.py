@@ -20,56 +20,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import example, given, reject, settings
 from hypothesis import strategies as st
+from proving import backend_params, call, prove
 
 import lsa
 from lsa.backends import available_backends, available_reserve_backends
 from lsa.testing import attention_oracle, make_keep, make_qkv, visible_keys
 
 GARBAGE = 1e3
-
-
-def _backend_params() -> list:
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    return [
-        pytest.param(
-            device,
-            backend,
-            id=f"{device}-{backend}",
-            marks=(pytest.mark.gpu,) if device == "cuda" else (),
-        )
-        for device in devices
-        for backend in available_reserve_backends(device)
-    ]
-
-
-def call(fn, *args, backend: str, **kwargs):
-    """``fn(*args, backend=backend, **kwargs)``; a backend other than the reference may refuse
-    inputs it cannot serve with a ValueError naming it, and Hypothesis draws another example."""
-    try:
-        return fn(*args, backend=backend, **kwargs)
-    except ValueError as err:
-        if backend != "reference" and f"backend={backend!r}" in str(err):
-            reject()
-        raise
-
-
-# Compiled backends on CPU compile afresh for every new shape, so there they get a fortieth of the
-# examples (as in proofs/test_equivalence_attention.py).
-COMPILED_CPU_SHARE = 40
-COMPILED = ("flex",)
-
-
-def prove(prop, device: str, backend: str, *, examples: int, strategies: dict, explicit=()):
-    """Run ``prop(**drawn)`` under Hypothesis: ``examples`` examples for the reference or any
-    backend on CUDA, ``examples // COMPILED_CPU_SHARE`` (at least 2) for others on CPU."""
-    if backend in COMPILED and device == "cpu":
-        examples = max(2, examples // COMPILED_CPU_SHARE)
-    test = given(**strategies)(prop)
-    for kwargs in explicit:
-        test = example(**kwargs)(test)
-    settings(max_examples=examples)(test)()
 
 
 @dataclass(frozen=True)
@@ -170,7 +128,7 @@ RESERVE_EDGE_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("device", "backend"), _backend_params())
+@pytest.mark.parametrize(("device", "backend"), backend_params(available_reserve_backends))
 def test_reserve_equivalence(device: str, backend: str) -> None:
     """reserve_attention over the compacted reserve equals sparse_attention over the logical KV
     with keep = the chunks in the block table, row by row."""
