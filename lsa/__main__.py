@@ -11,7 +11,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("lsa.demo", "show dense vs sparse attention working (the main job)"),
+    "demo": ("lsa.demo", "SmolLM2 on RULER: dense vs lsa vs recency vs random (the main job)"),
     "dump": ("lsa.indexer.dump", "one backbone pass over a corpus -> indexer training shards"),
     "train": ("lsa.indexer.train", "train a memory indexer from shards (never loads the backbone)"),
     "eval": ("lsa.eval.cli", "RULER accuracy vs KV footprint for dense, lsa and baselines"),

