@@ -311,3 +311,17 @@ def attention_oracle(
         atol=noise_tolerance(out, probe, dtype, magnitude=v),
         lse_atol=lse_atol,
     )
+
+
+#: Sizes of the tiny randomly initialised decoders the unit tests run (GQA: 4 query heads share
+#: 2 KV heads of dim 16); tests add layers, vocabulary and token ids.
+TINY_DECODER = dict(
+    hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2
+)
+
+
+def tiny_decoder(model_cls, config_cls, *, seed: int = 0, **config):
+    """A randomly initialised transformers decoder (seeded, eval mode) of ``TINY_DECODER`` sizes,
+    e.g. ``tiny_decoder(LlamaForCausalLM, LlamaConfig, num_hidden_layers=2, vocab_size=128)``."""
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**{**TINY_DECODER, **config})).eval()

@@ -20,14 +20,12 @@ import lsa
 from lsa.cache import LSACache
 from lsa.cache.standin import ChunkMeanKeyScorer
 from lsa.reference.select import budget_count, forced_chunks
+from lsa.testing import TINY_DECODER
 
 VOCAB = 128
 TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
+    **TINY_DECODER,
     num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
     vocab_size=VOCAB,
     max_position_embeddings=2048,
     bos_token_id=None,

@@ -12,26 +12,24 @@ import lsa
 from lsa.__main__ import main
 from lsa.eval.baselines import RandomScorer, RecencyScorer
 from lsa.indexer.scorer import ChunkScorer
+from lsa.testing import tiny_decoder
 
 VOCAB = 128
 CS = 16
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
+    return tiny_decoder(
+        LlamaForCausalLM,
+        LlamaConfig,
+        seed=seed,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         vocab_size=VOCAB,
         max_position_embeddings=2048,
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=0,
     )
-    return LlamaForCausalLM(config).eval()
 
 
 def run_cache(model, scorer, *, n_prompt: int = 10 * CS, budget=4, new_tokens: int = 3, seed=1):

@@ -12,23 +12,20 @@ from lsa.indexer.labels import (
     oracle_positives,
     teacher_forced_pass,
 )
+from lsa.testing import tiny_decoder
 
 CS, TAU = 8, 8
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
+    return tiny_decoder(
+        LlamaForCausalLM,
+        LlamaConfig,
         vocab_size=101,
-        hidden_size=64,
-        intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=512,
     )
-    return LlamaForCausalLM(cfg).eval()
 
 
 def _eager_chunk_mass(model, ids):

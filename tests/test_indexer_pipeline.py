@@ -12,6 +12,7 @@ import lsa.models
 from lsa.__main__ import main
 from lsa.indexer import LightningIndexer
 from lsa.indexer.data import ShardData
+from lsa.testing import tiny_decoder
 
 DUMP_ARGS = [
     "--target-layers", "0", "1",
@@ -24,17 +25,14 @@ DUMP_ARGS = [
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipe")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
+    model = tiny_decoder(
+        LlamaForCausalLM,
+        LlamaConfig,
         vocab_size=101,
-        hidden_size=64,
-        intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=1024,
     )
-    LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    model.save_pretrained(root / "model")
     gen = torch.Generator().manual_seed(0)
     lines = []
     for i in range(8):
