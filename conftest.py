@@ -2,6 +2,11 @@
 
 import os
 
+# Without a GPU, Triton kernels run in Triton's CPU interpreter so that their tests run in CI.
+# The mode is fixed when triton is imported, so it is chosen here, before anything imports it.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 from hypothesis import HealthCheck, settings

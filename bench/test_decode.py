@@ -1,5 +1,6 @@
 """Decode attention at 10% of chunks kept: dense SDPA vs flex over the full cache vs the compacted
-reserve (flex with a block table, or plain SDPA over only the kept chunks).
+reserve (flex with a block table, the Triton split-KV kernel, or plain SDPA over only the kept
+chunks).
 
 Each case first checks its output against the fp32 reference on a slice (batch row 0, KV heads
 0-1), then times it. Reported: median µs per call (CUDA events, L2 flushed), GB/s of KV actually
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 import lsa
 from bench.common import DecodeConfig, as_row, copy_bandwidth, time_call, time_graph
-from lsa.compiled import flex
+from lsa.compiled import flex, triton_decode
 from lsa.compiled.compact import merge_attention, visible_attention
 from lsa.compiled.flex import (
     flex_attend,
@@ -26,6 +27,7 @@ from lsa.compiled.flex import (
     sparse_block_mask,
 )
 from lsa.compiled.sdpa import sdpa_reserve_attention
+from lsa.compiled.triton_decode import triton_reserve_attention
 from lsa.reference.dense import reference_dense_attention
 from lsa.reference.sparse import reference_sparse_attention
 
@@ -50,6 +52,7 @@ if CUDA:
         "sdpa_reserve",
         "sdpa_masked_reserve",
         "compact_decode",
+        "triton_reserve",
         "mask_build",
     ]
 else:
@@ -65,7 +68,7 @@ else:
         "sdpa_reserve",
         "sdpa_masked_reserve",
         "compact_decode",
-    ]
+    ] + (["triton_reserve"] if triton_decode.interpreting() else [])  # Triton's CPU interpreter
 
 
 @functools.lru_cache(maxsize=1)
@@ -159,6 +162,11 @@ def runner(method: str, config: DecodeConfig, s: dict):
     if method == "sdpa_masked_reserve":
         # The "sdpa" reserve backend: fused SDPA with a token mask built from the block table.
         return lambda: sdpa_reserve_attention(
+            s["q"], s["k_res"], s["v_res"], s["block_table"], s["kv_len"], chunk_size=cs
+        )
+    if method == "triton_reserve":
+        # The "triton" reserve backend: split-KV flash-decoding over the block table.
+        return lambda: triton_reserve_attention(
             s["q"], s["k_res"], s["v_res"], s["block_table"], s["kv_len"], chunk_size=cs
         )
     if method == "compact_decode":

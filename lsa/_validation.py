@@ -13,7 +13,7 @@ from numbers import Integral, Real
 
 import torch
 
-BACKENDS = ("auto", "reference", "flex", "sdpa")
+BACKENDS = ("auto", "reference", "flex", "sdpa", "triton")
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,8 @@ def reserve_attention(
         block_table: int [B, 1|H_kv, n_slots], logical chunk per slot, -1 = empty. Each logical
             chunk may appear at most once per row; tokens at positions >= kv_len are ignored.
         kv_len: int [B], logical KV length per batch row.
+        backend: "reference", "flex", "sdpa" (token mask, no LSE), "triton" (split-KV decode
+            kernel, CUDA; CPU under TRITON_INTERPRET=1) or "auto".
 
     Equals ``sparse_attention`` over the logical KV with keep = the chunks in the table.
     """

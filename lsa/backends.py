@@ -14,8 +14,17 @@ import torch
 from lsa._validation import AttentionShape
 from lsa.compiled.flex import flex_reserve_attention, flex_sparse_attention, flex_supports
 from lsa.compiled.sdpa import sdpa_reserve_attention, sdpa_supports
+from lsa.compiled.triton_decode import (
+    interpreting,
+    triton_available,
+    triton_reserve_attention,
+    triton_supports,
+)
 from lsa.reference.reserve import reference_reserve_attention
 from lsa.reference.sparse import reference_sparse_attention
+
+#: up to this many queries per row a call is decode-shaped (the Triton kernel's measured range)
+DECODE_QUERIES = 16
 
 AttentionImpl = Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
 
@@ -25,6 +34,7 @@ _IMPLS: dict[str, dict[str, AttentionImpl]] = {
         "reference": reference_reserve_attention,
         "flex": flex_reserve_attention,
         "sdpa": sdpa_reserve_attention,
+        "triton": triton_reserve_attention,
     },
 }
 
@@ -35,8 +45,13 @@ def available_backends(device: torch.device | str = "cpu") -> tuple[str, ...]:
 
 
 def available_reserve_backends(device: torch.device | str = "cpu") -> tuple[str, ...]:
-    """Backend names of ``reserve_attention`` on ``device``."""
-    return ("reference", "flex", "sdpa")
+    """Backend names of ``reserve_attention`` on ``device``: "triton" on CUDA when Triton imports,
+    and on CPU when Triton also runs in its interpreter (TRITON_INTERPRET=1)."""
+    names = ("reference", "flex", "sdpa")
+    kind = torch.device(device).type
+    if triton_available() is None and (kind == "cuda" or (kind == "cpu" and interpreting())):
+        names += ("triton",)
+    return names
 
 
 def _why_not(backend: str, q: torch.Tensor, chunk_size: int, return_lse: bool) -> str | None:
@@ -44,18 +59,24 @@ def _why_not(backend: str, q: torch.Tensor, chunk_size: int, return_lse: bool) -
         return flex_supports(q, chunk_size)
     if backend == "sdpa":
         return sdpa_supports(q, return_lse)
+    if backend == "triton":
+        return triton_supports(q, chunk_size)
     return None
 
 
 def _fastest(kind: str, shape: AttentionShape, q, chunk_size: int, return_lse: bool) -> str:
-    """Measured on an H200 (bench/README.md): over a reserve, flex at B * H_kv = 8 and SDPA with a
-    token mask at B * H_kv = 64 (flex's decode kernel walks its block lists too slowly there);
-    over a full cache only flex skips dropped chunks. The CPU has no fast sparse kernel."""
+    """Measured on an H200 (bench/README.md). Decode over a reserve: the Triton split-KV kernel
+    (1.35x the HBM floor at B = 1, 512K; 0.98x at B = 8, where flex is 15x slower). Longer query
+    blocks over a reserve: flex at B * H_kv = 8 and SDPA with a token mask at B * H_kv = 64 (flex's
+    decode kernel walks its block lists too slowly there). Over a full cache only flex skips
+    dropped chunks. The CPU has no fast sparse kernel."""
     if q.device.type != "cuda":
         return "reference"
     order = ("flex", "sdpa") if kind == "reserve" else ("flex",)
     if kind == "reserve" and shape.batch * shape.heads_kv >= 64:
         order = ("sdpa", "flex")
+    if kind == "reserve" and shape.len_q <= DECODE_QUERIES:
+        order = ("triton", *order)
     fits = [b for b in order if _why_not(b, q, chunk_size, return_lse) is None]
     return fits[0] if fits else "reference"
 

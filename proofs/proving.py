@@ -8,11 +8,13 @@ import pytest
 import torch
 from hypothesis import example, given, reject, settings
 
-# Compiled backends on CPU compile afresh for every new shape (seconds each), so there they prove
-# each property on a share of the examples; the reference, the eager "sdpa" backend and every
-# backend on CUDA get all of them.
-COMPILED_CPU_SHARE = 40
-COMPILED = ("flex",)
+# Compiled backends compile afresh for every new shape (seconds each on CPU, ~1-3 s of Triton
+# codegen on CUDA), so they prove each property on a share of the examples; the reference and the
+# eager "sdpa" backend get all of them. The CUDA share keeps the suite within one device run.
+# "triton" compiles once per tile-size class on CUDA and runs in Triton's (slow) interpreter on CPU
+# (only under TRITON_INTERPRET=1, see lsa/compiled/triton_decode.py).
+COMPILED_SHARE = {"flex": {"cpu": 40, "cuda": 8}, "triton": {"cpu": 4, "cuda": 4}}
+COMPILED = tuple(COMPILED_SHARE)
 
 
 def backend_params(available: Callable[[str], tuple[str, ...]]) -> list:
@@ -33,9 +35,10 @@ def backend_params(available: Callable[[str], tuple[str, ...]]) -> list:
 
 def prove(prop, device: str, backend: str, *, examples: int, strategies: dict, explicit=()):
     """Run ``prop(**drawn)`` under Hypothesis with ``examples`` examples (the explicit ones run
-    first), or ``examples // COMPILED_CPU_SHARE`` (at least 2) for a compiled backend on CPU."""
-    if backend in COMPILED and device == "cpu":
-        examples = max(2, examples // COMPILED_CPU_SHARE)
+    first), or ``examples // COMPILED_SHARE[backend][device]`` (at least 2) for a compiled
+    backend."""
+    if backend in COMPILED:
+        examples = max(2, examples // COMPILED_SHARE[backend][device])
     test = given(**strategies)(prop)
     for kwargs in explicit:
         test = example(**kwargs)(test)

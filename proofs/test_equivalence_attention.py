@@ -6,17 +6,16 @@ compared with an fp64 oracle within a tolerance derived from the reference's noi
 (``lsa.testing``); structure (which queries see nothing, which chunks are kept) is compared
 exactly.
 
-Examples per CI run (``ci`` profile, derandomized), for the reference on CPU and for every
-backend on CUDA:
+Examples per CI run (``ci`` profile, derandomized), for the reference on CPU and CUDA:
     test_keep_all_equivalence             120
     test_kept_subset_equivalence          150
     test_scores_path_equivalence           40
     test_batch_permutation_equivalence     40
     this file                             350
 With proofs/test_equivalence_select.py (240) and proofs/test_equivalence_reserve.py (80): 670
-examples per run for the reference backend and selection alone. A compiled backend on CPU
-("flex" today) compiles afresh for every shape, so it gets 1/40 of the examples (at least 2):
-3 + 3 + 2 + 2 here and 2 in the reserve suite, plus the explicit examples (see ``prove``).
+examples per run for the reference backend and selection alone. A compiled backend ("flex"
+today) compiles afresh for every shape, so it gets 1/40 of the examples on CPU and 1/8 on CUDA
+(at least 2), plus the explicit examples (see ``proving.prove``).
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ own ``kv_len``; each row is compared with ``sparse_attention`` on that row's log
 the chunks in the table, and both with the fp64 oracle (tolerance from ``lsa.testing``).
 
 Examples per CI run (``ci`` profile, derandomized), for the reference on CPU and every backend
-on CUDA, and the eager "sdpa" backend (a compiled backend on CPU gets 2 plus the explicit examples):
+on CUDA, and the eager "sdpa" backend (a compiled backend on CPU gets 2 plus the explicit examples;
+"triton" gets 80 // 4 on CUDA and, under TRITON_INTERPRET=1, 80 // 4 in Triton's CPU interpreter):
     test_reserve_equivalence    80
 (see proofs/test_equivalence_attention.py for the total over proofs/).
 """
