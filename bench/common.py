@@ -46,12 +46,20 @@ class DecodeConfig:
         )
 
 
+def _command() -> str:
+    """How this process was started: ``python -m pytest ...`` or ``python -m bench.x ...``."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    module = "pytest" if spec is None or "pytest" in spec.name else spec.name
+    return " ".join(["python", "-m", module, *sys.argv[1:]])
+
+
 def environment() -> dict:
     env = {
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "command": " ".join([os.path.basename(sys.executable), "-m", "pytest", *sys.argv[1:]]),
+        "command": _command(),
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
     }

@@ -18,6 +18,7 @@ from transformers import (
 
 import lsa
 from lsa.cache import LSACache
+from lsa.cache.model import cache_kwarg
 from lsa.cache.standin import ChunkMeanKeyScorer
 from lsa.reference.select import budget_count, forced_chunks
 from lsa.testing import TINY_DECODER
@@ -70,7 +71,7 @@ def generate(model, ids, mask, cache, new_tokens):
     out = model.generate(
         ids,
         attention_mask=mask,
-        cache=cache,
+        **{cache_kwarg(model): cache},
         max_new_tokens=new_tokens,
         do_sample=False,
         output_logits=True,
@@ -232,7 +233,14 @@ def test_keep_masks_follow_the_policy_at_every_refresh(policy):
 
 
 @pytest.mark.parametrize(
-    ("backend", "cs", "lengths"), [("reference", 8, [90, 61]), ("flex", 16, [170, 121])]
+    ("backend", "cs", "lengths"),
+    [
+        ("reference", 8, [90, 61]),
+        ("flex", 16, [170, 121]),
+        ("compact", 8, [90, 61]),
+        ("compact", 16, [170, 121]),
+        ("compact", 16, [77]),
+    ],
 )
 def test_sparse_decode_equals_reference_over_the_full_history(backend, cs, lengths):
     """Each decode step's attention = lsa.sparse_attention over the whole logical history with
@@ -246,6 +254,8 @@ def test_sparse_decode_equals_reference_over_the_full_history(backend, cs, lengt
     checked = []
 
     def checking(layer, query, k_res, v_res, scaling):
+        # read before the call: after the last layer it issues the next step's refresh
+        resident = cache.resident_chunks()
         out = inner(layer, query, k_res, v_res, scaling)  # [B, 1, H_q, D]
         k_all, v_all = rec.full(layer.layer_idx)
         for b in range(cache.batch):
@@ -254,7 +264,7 @@ def test_sparse_decode_equals_reference_over_the_full_history(backend, cs, lengt
             assert k.shape[2] == n
             n_chunks = -(-n // cs)
             keep = torch.zeros(n_chunks, dtype=torch.bool)
-            keep[cache.resident_chunks()[b]] = True
+            keep[resident[b]] = True
             ref = lsa.sparse_attention(
                 query[b : b + 1],
                 k,
@@ -271,7 +281,8 @@ def test_sparse_decode_equals_reference_over_the_full_history(backend, cs, lengt
 
     cache.decode_attention = checking
     generate(model, ids, mask, cache, 25)
-    assert len(checked) == 24 * 3 * 2
+    assert len(checked) == 24 * 3 * len(lengths)
+    assert cache.compact_fallbacks == {}
     assert sum(checked) > len(checked) // 2, "most checks must run with chunks evicted"
 
 
@@ -430,23 +441,169 @@ def test_refresh_copies_only_newly_resident_chunks():
     assert later < resident / 2
 
 
-def test_mirror_segments_are_chunk_major_and_grow_without_copying():
+def test_mirror_segments_are_chunk_major_layer_inside_and_grow_without_copying():
     from lsa.cache.mirror import HostMirror
 
-    m = HostMirror(2, 3, 4, 5, torch.float32, device=torch.device("cpu"), pin=False, seg_chunks=3)
+    # 2 rows, 3 layers, 2 KV heads, chunks of 4, head dim 5
+    m = HostMirror(
+        2, 3, 2, 4, 5, torch.float32, device=torch.device("cpu"), pin=False, seg_chunks=3
+    )
     m.ensure(5)  # the prompt: one segment of exactly 5 chunks
     first = m.segments[0]
     m.ensure(6)
     m.ensure(9)  # generation: segments of seg_chunks
     assert [s.shape[1] for s in m.segments] == [5, 3, 3] and m.segments[0] is first
-    kv = torch.randn(9, 2, 3, 4, 5)
-    m.write_chunks(1, 0, kv[:4])
-    m.write_chunks(1, 4, kv[4:])  # crosses two segment borders
+    kv = torch.randn(3, 9, 2, 2, 4, 5)  # [layer, chunk, K/V, H, cs, D]
+    for layer in range(3):
+        m.write_chunks(1, 0, layer, kv[layer, :4])
+        m.write_chunks(1, 4, layer, kv[layer, 4:])  # crosses two segment borders
     for c in range(9):
-        assert m.chunk(1, c).is_contiguous() and torch.equal(m.chunk(1, c), kv[c])
+        # one chunk of all layers is one contiguous block
+        assert m.chunk(1, c).is_contiguous() and torch.equal(m.chunk(1, c), kv[:, c])
         assert not m.chunk(0, c).any()  # other rows untouched
-    assert [(o, v.shape[0]) for o, v in m.runs(1, 3, 5)] == [(0, 2), (2, 3)]
-    k, v = m.tokens(1, 30)
-    assert torch.equal(k, kv[:, 0].permute(1, 0, 2, 3).reshape(3, 36, 5)[:, :30])
-    assert torch.equal(v, kv[:, 1].permute(1, 0, 2, 3).reshape(3, 36, 5)[:, :30])
-    assert m.nbytes() == 2 * 11 * 2 * 3 * 4 * 5 * 4
+    runs = m.runs(1, 3, 5)
+    assert [(o, v.shape[0]) for o, v in runs] == [(0, 2), (2, 3)]
+    assert all(v.is_contiguous() for _, v in runs)  # a run of chunks, all layers: one copy
+    for layer in range(3):
+        k, v = m.tokens(1, layer, 30)
+        ref = kv[layer].permute(1, 2, 0, 3, 4).reshape(2, 2, 36, 5)[:, :, :30]
+        assert torch.equal(k, ref[0]) and torch.equal(v, ref[1])
+    assert m.chunk_nbytes == 3 * 2 * 2 * 4 * 5 * 4
+    rows, chunks = torch.tensor([0, 1, 1, 0, 1]), torch.tensor([0, 4, 5, 8, 6])
+    assert m.chunk_addresses(rows, chunks).tolist() == [
+        m.chunk(r, c).data_ptr() for r, c in zip(rows.tolist(), chunks.tolist(), strict=True)
+    ]
+    with pytest.raises(IndexError, match="capacity 11"):
+        m.chunk_addresses(torch.tensor([0]), torch.tensor([11]))
+    assert m.nbytes() == 2 * 11 * m.chunk_nbytes
+    with pytest.raises(ValueError, match="layer 2 has"):
+        m.check_layer(2, 2, 6, torch.float32)
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen3], ids=["llama", "qwen3"])
+def test_compact_full_budget_is_token_identical_to_dynamic_cache(factory):
+    model = lsa_model(factory)
+    ids, mask = prompt([70, 45])
+    ref_seq, ref_logits = dense_generate(model, ids, mask, 40)
+    cache = make_cache(model, budget=1.0, backend="compact")
+    assert cache.decode_backend == "compact"
+    seq, logits = generate(model, ids, mask, cache, 40)
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_slots_stay_compacted_kept_chunks_then_tail():
+    """At every decode step, row b's kept chunks fill slots 0..n_kept-1 and its tail the slots
+    after them in order, so the visible tokens are a prefix of the flattened reserve."""
+    model = lsa_model()
+    ids, mask = prompt([150, 97])
+    cs = 8
+    # threshold: the kept count changes between refreshes, so compaction has to move chunks
+    cache = make_cache(model, threshold=0.0, chunk_size=cs, refresh_every=5, backend="compact")
+    inner = cache.decode_attention
+    seen = []
+
+    def checking(layer, query, k_res, v_res, scaling):
+        for b in range(cache.batch):
+            r, first, n = cache.n_kept[b], cache.tail_first[b], cache.kv_len_host[b]
+            table = cache.bt_host[b].tolist()
+            kept = sorted(table[:r])
+            assert all(c < first for c in kept)
+            tail = list(range(first, -(-n // cs)))
+            assert table[r : r + len(tail)] == tail
+            assert all(c == -1 for c in table[r + len(tail) :])
+            assert cache.visible[b] == r * cs + n - first * cs
+            seen.append(r)
+        return inner(layer, query, k_res, v_res, scaling)
+
+    cache.decode_attention = checking
+    generate(model, ids, mask, cache, 40)
+    assert len(set(seen)) > 2, "the kept count must vary for this test to mean something"
+    assert cache.recall_stats.slot_moves > 0, "compaction must have moved chunks"
+    moved = sum(sum(r.recalled) for r in cache.refreshes)
+    # recall copies are per run of chunks, all layers at once: never more copies than chunks
+    assert 0 < cache.recall_stats.copies <= moved
+    assert cache.recall_stats.chunks == moved * model.config.num_hidden_layers
+
+
+def test_compact_falls_back_explicitly_for_several_queries():
+    """S_q > 1 needs a causal mask over the tail: the compact path hands the call to
+    reserve_attention (exact) and records why."""
+    model = lsa_model()
+    ids, mask = prompt([90, 61])
+    cache = make_cache(model, budget=0.3, chunk_size=8, backend="compact")
+    generate(model, ids, mask, cache, 20)
+    layer = cache.layers[0]
+    b, h, n_slots, cs, d = layer.reserve_k.shape
+    rk = layer.reserve_k.view(b, h, n_slots * cs, d)
+    rv = layer.reserve_v.view(b, h, n_slots * cs, d)
+    q = torch.randn(b, 4, 2, d)
+    out = cache._decode_attention(q, rk, rv, None)
+    ref = lsa.reserve_attention(
+        q,
+        rk,
+        rv,
+        cache.block_table,
+        cache.kv_len,
+        chunk_size=cs,
+        enable_gqa=True,
+        backend="reference",
+    )
+    torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    assert list(cache.compact_fallbacks) == ["S_q=2 queries need a causal mask over the tail"]
+
+
+def test_per_layer_resident_sets_are_refused():
+    model = lsa_model()
+    with pytest.raises(NotImplementedError, match="resident_sets='per_layer'"):
+        make_cache(model, budget=0.3, resident_sets="per_layer")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_default_path_is_compact_and_exact(dtype):
+    """On CUDA "auto" decodes through the compact path (fused SDPA over the reserve prefix,
+    side-stream recall): each step equals the fp32 reference over the full history with the same
+    resident chunks, and at budget 1.0 greedy tokens match DynamicCache."""
+    model = lsa_model().to("cuda", dtype)
+    ids, mask = prompt([150, 97])
+    ids, mask = ids.cuda(), mask.cuda()
+    cache = make_cache(model, budget=0.3, chunk_size=8, refresh_every=5)
+    assert cache.decode_backend == "compact"
+    rec = Recorder(cache)
+    inner = cache.decode_attention
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+
+    def checking(layer, query, k_res, v_res, scaling):
+        resident = cache.resident_chunks()
+        out = inner(layer, query, k_res, v_res, scaling)
+        k_all, v_all = rec.full(layer.layer_idx)
+        for b in range(cache.batch):
+            pad = cache.pad[b]
+            k, v = k_all[b : b + 1, :, pad:].float(), v_all[b : b + 1, :, pad:].float()
+            keep = torch.zeros(-(-k.shape[2] // 8), dtype=torch.bool, device="cuda")
+            keep[resident[b]] = True
+            ref = lsa.sparse_attention(
+                query[b : b + 1].float(),
+                k,
+                v,
+                keep=keep[None, None],
+                chunk_size=8,
+                scale=scaling,
+                enable_gqa=True,
+                backend="reference",
+            )
+            torch.testing.assert_close(
+                out[b : b + 1].transpose(1, 2).float(), ref, atol=tol, rtol=tol
+            )
+        return out
+
+    cache.decode_attention = checking
+    generate(model, ids, mask, cache, 25)
+    assert cache.compact_fallbacks == {} and cache.recall_stats.events
+
+    if dtype == torch.float32:  # bf16 kernels round differently from dense SDPA's
+        ref_seq, _ = dense_generate(model, ids, mask, 30)
+        seq, _ = generate(model, ids, mask, make_cache(model, budget=1.0), 30)
+        assert torch.equal(seq, ref_seq)

@@ -69,6 +69,8 @@ def test_a_config_alone_is_not_enough(model):
         (dict(budget=0.1, sink_chunks=-1), ValueError, "sink_chunks"),
         (dict(budget=0.1, chunk_size=32), ValueError, r"chunk_size \(32\) must equal"),
         (dict(budget=0.1, backend="cuda"), ValueError, "backend"),
+        (dict(budget=0.1, recall="dma"), ValueError, "recall must be one of"),
+        (dict(budget=0.1, resident_sets="per_layer"), NotImplementedError, "resident_sets"),
     ],
 )
 def test_bad_settings(model, kwargs, error, match):
@@ -174,3 +176,12 @@ def test_lightning_indexer_for_another_model_is_refused(model):
     indexer = lightning.LightningIndexer(config, torch.zeros(8))
     with pytest.raises(ValueError, match=r"scorer\.config\.kv_heads \(3\) does not match"):
         LSACache(model, indexer, budget=0.1)
+
+
+def test_zero_copy_recall_needs_cuda_or_the_interpreter(model):
+    from lsa.cache.zero_copy import zero_copy_unavailable
+
+    if zero_copy_unavailable(torch.device("cpu")) is None:
+        pytest.skip("Triton's interpreter serves the zero-copy recall on CPU in this process")
+    with pytest.raises(ValueError, match=r"recall='zero_copy' cannot run: .*CUDA"):
+        LSACache(model, scorer(model), budget=0.1, device="cpu", recall="zero_copy")

@@ -2,7 +2,7 @@
 
 Data layout (``B`` rows, ``L`` decoder layers, ``H`` KV heads, head dim ``D``, chunk size ``cs``)::
 
-    host   mirror     per layer, chunk-major segments [B, 64, 2, H, cs, D]   (pinned on CUDA)
+    host   mirror     all layers, chunk-major segments [B, n, L, 2, H, cs, D] (pinned on CUDA)
     device reserve    per layer, K and V [B, H, n_slots, cs, D]               (resident + tail)
            block_table  [B, 1, n_slots] int32, logical chunk per slot, -1 = empty (shared by layers)
            kv_len       [B] int32, logical length per row
@@ -16,16 +16,25 @@ Life of a request:
 1. prefill (the cache is empty): dense SDPA over the prompt with the model's mask; every layer's
    prompt K/V go to the mirror (all tokens, the partial last chunk too); the scorer's
    ``encode_chunks`` turns each completed chunk into a chunk key (target layers only).
-2. refresh, at the first decode step and every ``refresh_every`` decode steps after it: the scorer
-   scores the completed chunks of each row from the attention input captured at its target layers
-   (forward pre-hooks, no model code changed); :func:`lsa.select_chunks` makes the row's keep mask;
-   evicted chunks free their slots; only *newly* resident chunks are copied mirror -> reserve (on
-   CUDA on a side stream, one copy per run of consecutive chunks, each layer signalling an event
-   its next decode step waits on). The chunk being written (the tail) always stays resident.
-3. decode step: the new token's K/V are written into the reserve slot of its chunk (a new chunk
-   takes a free slot); a chunk that completes is copied to the mirror (one contiguous copy per
-   layer) and encoded. Attention is one :func:`lsa.reserve_attention` call over the reserve, so it
-   sees the resident chunks and the whole tail. Nothing is ever dropped.
+2. refresh, for the first decode step and every ``refresh_every`` decode steps after it, issued as
+   soon as the forward before that step has run its last attention (so the recall overlaps the rest
+   of that forward and the start of the next): the scorer scores the completed chunks of each row
+   from the attention input captured at its target layers (forward pre-hooks, no model code
+   changed); :func:`lsa.select_chunks` makes the row's keep mask (one resident set shared by all
+   layers); only *newly* resident chunks are copied mirror -> reserve. On CUDA the recall runs on a
+   side stream: one host -> device copy per run of consecutive chunks carrying *all* layers' K and
+   V (the mirror is chunk-major, layer inside) into a device staging buffer, then a device-side
+   scatter into each layer's slots, each layer signalling an event its next write waits on.
+3. slots are kept *compacted*: row ``b``'s ``R_b`` kept (complete) chunks occupy slots
+   ``0 .. R_b - 1`` and its tail (the chunks begun since the refresh, partial one last) the slots
+   right after them, so the tokens a decode query sees are the contiguous prefix of
+   ``visible[b]`` tokens of the flattened reserve. A refresh moves chunks on the device to keep it
+   so (a kept chunk above ``R_b``, the partial chunk to slot ``R_b``).
+4. decode step: the new token's K/V are written into the reserve slot of its chunk; a chunk that
+   completes is copied to the mirror (one contiguous copy per layer) and encoded. Attention
+   (``backend="compact"``, the default on CUDA) is plain SDPA over that prefix: no mask, fused
+   kernels. The other backends run :func:`lsa.reserve_attention` with the block table. Nothing is
+   ever dropped.
 
 Budget and threshold apply to each row's *completed* chunks; the tail (the partial chunk and the
 chunks begun since the last refresh) is resident on top of it and counted in :meth:`footprint`.
@@ -34,7 +43,6 @@ chunks begun since the last refresh) is resident on top of it and counted in :me
 from __future__ import annotations
 
 import contextlib
-import heapq
 import math
 import weakref
 from numbers import Integral
@@ -42,16 +50,22 @@ from numbers import Integral
 import torch
 from transformers.cache_utils import Cache
 
-from lsa._validation import check_backend, check_budget, check_int
+from lsa._validation import BACKENDS, check_budget, check_int
 from lsa.attention import reserve_attention
 from lsa.cache.attention import ATTN_IMPLEMENTATION, hand_over, register_lsa_attention
 from lsa.cache.layer import LSALayer
 from lsa.cache.mirror import HostMirror
 from lsa.cache.model import attention_modules, check_layer_types, text_config
 from lsa.cache.records import Footprint, RecallStats, RefreshRecord
+from lsa.cache.zero_copy import zero_copy_recall, zero_copy_unavailable
+from lsa.compiled.compact import visible_attention
 from lsa.compiled.flex import FlexPlan, flex_attend, flex_supports, reserve_block_mask, use_fold
 from lsa.indexer.scorer import ChunkScorer
 from lsa.reference.select import select_chunks
+
+#: what ``LSACache(backend=...)`` accepts: the compact path plus reserve_attention's backends
+CACHE_BACKENDS = ("compact", *BACKENDS)
+RECALLS = ("copies", "zero_copy")
 
 
 class LSACache(Cache):
@@ -78,7 +92,16 @@ class LSACache(Cache):
         sink_chunks / recent_chunks: the first / last completed chunks, always kept.
         device: where the reserve lives (default: the model's device).
         host_device: where the mirror lives (default "cpu"; pinned when ``device`` is CUDA).
-        backend: ``reserve_attention`` backend ("auto" picks the fastest available).
+        backend: decode attention. ``"compact"``: SDPA over the compacted reserve (no mask);
+            ``"auto"`` picks it on CUDA and :func:`lsa.reserve_attention`'s own choice elsewhere;
+            ``"flex"``, ``"sdpa"``, ``"reference"``: :func:`lsa.reserve_attention` with that
+            backend over the block table.
+        resident_sets: ``"shared"`` (one resident set for all layers, the only layout
+            supported: the mirror holds one chunk of all layers in one block).
+        recall: how newly resident chunks reach the reserve. ``"copies"``: one host -> device
+            copy per run of consecutive chunks (all layers at once) into a staging buffer, then
+            a device scatter. ``"zero_copy"``: one Triton kernel reading the pinned mirror
+            directly (:mod:`lsa.cache.zero_copy`; CUDA, or Triton's interpreter on CPU).
     """
 
     def __init__(
@@ -95,6 +118,8 @@ class LSACache(Cache):
         device: torch.device | str | None = None,
         host_device: torch.device | str = "cpu",
         backend: str = "auto",
+        resident_sets: str = "shared",
+        recall: str = "copies",
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(
@@ -111,7 +136,15 @@ class LSACache(Cache):
         self.refresh_every = check_int("refresh_every", refresh_every, minimum=1)
         self.sink_chunks = check_int("sink_chunks", sink_chunks, minimum=0)
         self.recent_chunks = check_int("recent_chunks", recent_chunks, minimum=0)
-        self.backend = check_backend(backend)
+        if resident_sets != "shared":
+            raise NotImplementedError(
+                f"resident_sets={resident_sets!r} is not supported: LSACache keeps one resident "
+                "set shared by all layers (its mirror stores a chunk of every layer as one "
+                "block, so that a recall is one copy per run of chunks); use 'shared'"
+            )
+        if not isinstance(backend, str) or backend not in CACHE_BACKENDS:
+            raise ValueError(f"backend must be one of {CACHE_BACKENDS}, got {backend!r}")
+        self.backend = backend
         self.budget = budget
         self.threshold = None if threshold is None else float(threshold)
         self._check_scorer(scorer, config, n_layers)
@@ -131,6 +164,17 @@ class LSACache(Cache):
         self.device = torch.device(device)
         self.host_device = torch.device(host_device)
         self.pin = self.device.type == "cuda" and self.host_device.type == "cpu"
+        if recall not in RECALLS:
+            raise ValueError(f"recall must be one of {RECALLS}, got {recall!r}")
+        if recall == "zero_copy" and (why := zero_copy_unavailable(self.device)) is not None:
+            raise ValueError(f"recall='zero_copy' cannot run: {why}")
+        self.recall = recall
+        #: the decode attention actually used for S_q = 1 ("compact" or a reserve_attention one)
+        self.decode_backend = (
+            "compact"
+            if backend == "compact" or (backend == "auto" and self.device.type == "cuda")
+            else backend
+        )
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._model_config = model.config
         self.num_layers = n_layers
@@ -204,8 +248,12 @@ class LSACache(Cache):
         self.bt_host: torch.Tensor | None = None  # cpu int32 [B, n_slots], the truth
         self.block_table: torch.Tensor | None = None  # device int32 [B, 1, n_slots]
         self.slot_of: list[dict[int, int]] = []
-        self.free: list[list[int]] = []
-        self.tail_first: list[int] = []
+        self.n_kept: list[int] = []  # per row, kept (complete) chunks: they fill slots 0..n-1
+        self.tail_first: list[int] = []  # per row, first chunk of the tail (slot n_kept[b])
+        self.visible: list[int] = []  # per row, tokens a decode query sees (a reserve prefix)
+        self.mirror: HostMirror | None = None
+        #: why a decode call left the compact path for reserve_attention (reason -> calls)
+        self.compact_fallbacks: dict[str, int] = {}
         self.decode_step = 0
         self.hidden: dict[int, torch.Tensor] = {}
         self.chunk_keys: dict[int, torch.Tensor] = {}
@@ -334,10 +382,19 @@ class LSACache(Cache):
             self._start_request(key, attention_mask)
         cs = self.chunk_size
         b_size, h, s, d = key.shape
-        layer.mirror = HostMirror(
-            b_size, h, cs, d, key.dtype, device=self.host_device, pin=self.pin
-        )
-        layer.mirror.ensure(max(-(-n // cs) for n in [*self.kv_len_host, 1]))  # one segment
+        if self.mirror is None:
+            self.mirror = HostMirror(
+                b_size,
+                self.num_layers,
+                h,
+                cs,
+                d,
+                key.dtype,
+                device=self.host_device,
+                pin=self.pin,
+            )
+            self.mirror.ensure(max(-(-n // cs) for n in [*self.kv_len_host, 1]))  # one segment
+        self.mirror.check_layer(layer.layer_idx, h, d, key.dtype)
         for b in range(b_size):
             n = self.kv_len_host[b]
             n_chunks = -(-n // cs)
@@ -348,7 +405,7 @@ class LSACache(Cache):
             kv[0, :, :n] = key[b, :, pad:]
             kv[1, :, :n] = value[b, :, pad:]
             kv = kv.view(2, h, n_chunks, cs, d).permute(2, 0, 1, 3, 4).contiguous()
-            layer.mirror.write_chunks(b, 0, kv)  # [n_chunks, 2, H, cs, D]
+            self.mirror.write_chunks(b, 0, layer.layer_idx, kv)  # [n_chunks, 2, H, cs, D]
             full = n // cs
             if layer.layer_idx in self.target_layers and full > 0:
                 start = torch.arange(full, device=key.device)[None] * cs
@@ -360,6 +417,7 @@ class LSACache(Cache):
             self.seq_len = s
             self.decode_step = 0
             self._next_layer = 0
+            self._refresh()  # for decode step 1, overlapping the rest of the prefill forward
 
     def _start_request(self, key: torch.Tensor, mask: torch.Tensor | None) -> None:
         b_size, _, s, _ = key.shape
@@ -369,8 +427,9 @@ class LSACache(Cache):
         self.kv_len = torch.tensor(self.kv_len_host, dtype=torch.int32, device=self.device)
         self._rows = torch.arange(b_size, device=self.device)
         self.slot_of = [{} for _ in range(b_size)]
-        self.free = [[] for _ in range(b_size)]
+        self.n_kept = [0] * b_size
         self.tail_first = [0] * b_size
+        self.visible = [0] * b_size
         self._tail_slot_host = [-1] * b_size
 
     @staticmethod
@@ -397,10 +456,8 @@ class LSACache(Cache):
     # decode
 
     def _begin_decode_step(self) -> None:
-        """Before layer 0 of a decode step: refresh if due, find each row's write slot."""
+        """Before layer 0 of a decode step: find each row's write slot."""
         self.decode_step += 1
-        if (self.decode_step - 1) % self.refresh_every == 0:
-            self._refresh()
         cs = self.chunk_size
         new_rows, new_slots = [], []
         table_changed = False
@@ -408,8 +465,10 @@ class LSACache(Cache):
         for b in range(self.batch):
             pos = self.kv_len_host[b]
             c, off = divmod(pos, cs)
-            if c not in self.slot_of[b]:  # a new chunk begins: it joins the tail
-                slot = self._take_slot(b)
+            if c not in self.slot_of[b]:  # a new chunk begins: the tail's next slot
+                slot = self.n_kept[b] + c - self.tail_first[b]
+                if slot >= self.n_slots:
+                    self._grow(max(slot + 1, math.ceil(self.n_slots * 1.25)), "decode")
                 self.slot_of[b][c] = slot
                 self.bt_host[b, slot] = c
                 table_changed = True
@@ -421,6 +480,7 @@ class LSACache(Cache):
             if off == cs - 1:
                 self._completing.append((b, c, slot))
             self.kv_len_host[b] = pos + 1
+            self.visible[b] = self.n_kept[b] * cs + pos + 1 - self.tail_first[b] * cs
         if table_changed:
             self._push_block_table()
         if new_rows:
@@ -439,8 +499,33 @@ class LSACache(Cache):
         v_reserve: torch.Tensor,
         scaling: float | None,
     ) -> torch.Tensor:
-        """Attention of one decode step over the reserve; returns [B, S_q, H_q, D]."""
-        if self._flex_serves(query):
+        """Attention of one decode step over the reserve; returns [B, S_q, H_q, D].
+
+        After the last layer, issues the refresh for the next step when one is due, so that its
+        recall overlaps the rest of this forward (same hidden states, same state as at the start
+        of the next step).
+        """
+        out = self._decode_attention(query, k_reserve, v_reserve, scaling)
+        if layer.layer_idx == self.num_layers - 1 and self.decode_step % self.refresh_every == 0:
+            self._refresh()
+        return out
+
+    def _decode_attention(
+        self,
+        query: torch.Tensor,
+        k_reserve: torch.Tensor,
+        v_reserve: torch.Tensor,
+        scaling: float | None,
+    ) -> torch.Tensor:
+        if self.decode_backend == "compact":
+            reason = self._compact_refuses(query)
+            if reason is None:
+                return self._compact_attention(query, k_reserve, v_reserve, scaling)
+            self.compact_fallbacks[reason] = self.compact_fallbacks.get(reason, 0) + 1
+            backend = "auto"
+        else:
+            backend = self.decode_backend
+        if backend == "flex" and self._flex_serves(query):
             if self._plan is None or self._plan.rows != self._rows_for(query, k_reserve):
                 self._plan = reserve_block_mask(
                     self.block_table,
@@ -462,15 +547,50 @@ class LSACache(Cache):
             causal=True,
             scale=scaling,
             enable_gqa=query.shape[1] != k_reserve.shape[1],
-            backend=self.backend,
+            backend=backend,
         )
         return out.transpose(1, 2).contiguous()
 
+    @staticmethod
+    def _compact_refuses(query: torch.Tensor) -> str | None:
+        """Why the compact path cannot serve this call (None: it can)."""
+        if query.shape[2] != 1:
+            # several queries need causality among the tail's tokens: a mask
+            return f"S_q={query.shape[2]} queries need a causal mask over the tail"
+        return None
+
+    def _compact_attention(
+        self,
+        query: torch.Tensor,
+        k_reserve: torch.Tensor,
+        v_reserve: torch.Tensor,
+        scaling: float | None,
+    ) -> torch.Tensor:
+        """One query per row over the prefix of ``visible[b]`` reserve tokens: kept chunks and
+        tail, no mask. Rows of different lengths are separate calls: one batched call would
+        need a key-padding mask, which the flash kernel does not take."""
+        vis = self.visible
+        if len(set(vis)) == 1:
+            n = vis[0]
+            out, _ = visible_attention(
+                query, k_reserve[:, :, :n], v_reserve[:, :, :n], scale=scaling
+            )
+        else:
+            out = torch.cat(
+                [
+                    visible_attention(
+                        query[b : b + 1],
+                        k_reserve[b : b + 1, :, :n],
+                        v_reserve[b : b + 1, :, :n],
+                        scale=scaling,
+                    )[0]
+                    for b, n in enumerate(vis)
+                ]
+            )
+        return out.transpose(1, 2).contiguous()
+
     def _flex_serves(self, query: torch.Tensor) -> bool:
-        """backend="flex": one plan per block table, shared by layers and steps. Other backends
-        ("auto" picks fused SDPA on CUDA) go through reserve_attention."""
-        if self.backend != "flex":
-            return False
+        """backend="flex": one plan per block table, shared by layers and steps."""
         reason = flex_supports(query, self.chunk_size)
         if reason is not None:
             raise ValueError(f"backend='flex' cannot serve this cache: {reason}")
@@ -487,7 +607,7 @@ class LSACache(Cache):
         rows, chunks, keys = [], [], []
         for b, c, slot in self._completing:
             kv = torch.stack([layer.reserve_k[b, :, slot], layer.reserve_v[b, :, slot]])
-            layer.mirror.write_chunks(b, c, kv[None])
+            self.mirror.write_chunks(b, c, layer.layer_idx, kv[None])
             rows.append(b)
             chunks.append(c)
             keys.append(layer.reserve_k[b, :, slot])
@@ -578,40 +698,36 @@ class LSACache(Cache):
                 )[0, 0]
             else:
                 row, keep = None, torch.zeros(0, dtype=torch.bool)
-            want = set(keep.nonzero().flatten().tolist())
-            if self.kv_len_host[b] % cs:
-                want.add(n)  # the partial chunk stays resident: it is the tail
+            kept = sorted(keep.nonzero().flatten().tolist())
+            partial = n if self.kv_len_host[b] % cs else None  # the tail: always resident
             keeps.append(keep)
             row_logits.append(row)
-            wants.append(want)
-        # evict, make room, then place the newly resident chunks
-        plan: list[list[tuple[int, int]]] = []
-        for b, want in enumerate(wants):
-            for c in [c for c in self.slot_of[b] if c not in want]:
-                slot = self.slot_of[b].pop(c)
-                self.bt_host[b, slot] = -1
-                heapq.heappush(self.free[b], slot)
-        # chunks begun before the next refresh: the τ tokens written from here on start at most
-        # ceil(τ / cs) chunks beyond the partial one (already in `want`)
+            wants.append((kept, partial))
+        # make room: kept chunks, the partial chunk, and the chunks the next τ tokens begin (at
+        # most ceil(τ / cs) beyond the partial one), so decode steps never reallocate
         tail_room = math.ceil(self.refresh_every / cs)
-        need = max(len(w) for w in wants) + tail_room
+        need = max(len(k) + (p is not None) for k, p in wants) + tail_room
         if need > self.n_slots:
             self._grow(max(need, math.ceil(self.n_slots * 1.25)), "refresh")
-        for b, want in enumerate(wants):
-            new = sorted(c for c in want if c not in self.slot_of[b])
-            pairs = []
-            for c in new:
-                slot = heapq.heappop(self.free[b])
-                self.slot_of[b][c] = slot
+        plan: list[list[tuple[int, int]]] = []
+        moves: list[tuple[int, int, int]] = []  # (row, from slot, to slot), on the device
+        for b, (kept, partial) in enumerate(wants):
+            slots, row_moves, recalls = self._place(self.slot_of[b], kept, partial)
+            self.slot_of[b] = slots
+            self.bt_host[b] = -1
+            for c, slot in slots.items():
                 self.bt_host[b, slot] = c
-                pairs.append((c, slot))
-            plan.append(pairs)
+            moves += [(b, src, dst) for src, dst in row_moves]
+            plan.append(recalls)
+            self.n_kept[b] = len(kept)
             self.tail_first[b] = n_done[b]
+            self.visible[b] = (len(kept) - n_done[b]) * cs + self.kv_len_host[b]
+        self._move(moves)
         moved = self._recall(plan)
         self._push_block_table()
         self.refreshes.append(
             RefreshRecord(
-                step=self.decode_step,
+                step=self.decode_step + 1,
                 kv_len=list(self.kv_len_host),
                 logits=row_logits,
                 keep=keeps,
@@ -621,57 +737,122 @@ class LSACache(Cache):
             )
         )
 
+    @staticmethod
+    def _place(
+        old: dict[int, int], kept: list[int], partial: int | None
+    ) -> tuple[dict[int, int], list[tuple[int, int]], list[tuple[int, int]]]:
+        """One row's new slots, compacted: kept chunks in slots 0..len(kept)-1 (a chunk already
+        there stays), the partial chunk in slot len(kept). Returns (chunk -> slot, device moves
+        [(from, to)] of chunks already resident elsewhere, recalls [(chunk, slot)] from the
+        mirror, sorted by chunk). Everything else is evicted."""
+        r = len(kept)
+        slots = {c: old[c] for c in kept if c in old and old[c] < r}
+        taken = set(slots.values())
+        holes = iter(s for s in range(r) if s not in taken)
+        moves, recalls = [], []
+        todo = [(c, next(holes)) for c in kept if c not in slots]
+        if partial is not None:
+            todo.append((partial, r))
+        for c, slot in todo:
+            slots[c] = slot
+            if c not in old:
+                recalls.append((c, slot))
+            elif old[c] != slot:
+                moves.append((old[c], slot))
+        return slots, moves, sorted(recalls)
+
+    def _move(self, moves: list[tuple[int, int, int]]) -> None:
+        """Device-side slot moves (row, from, to) in every layer: all sources are read before
+        any destination is written, so moves may overlap (a source may be another's target)."""
+        if not moves:
+            return
+        for layer in self.layers:
+            if layer.ready is not None:  # a recall still writing this layer's slots
+                torch.cuda.current_stream(self.device).wait_event(layer.ready)
+                layer.ready = None
+        self.recall_stats.slot_moves += len(moves)
+        idx = self._to_device(torch.tensor(moves, dtype=torch.long).T.contiguous())
+        rows, src, dst = idx[0], idx[1], idx[2]
+        for layer in self.layers:
+            for buf in (layer.reserve_k, layer.reserve_v):
+                buf[rows, :, dst] = buf[rows, :, src]  # the gather is a copy, then the scatter
+
     def _recall(self, plan: list[list[tuple[int, int]]]) -> int:
-        """Copy newly resident chunks mirror -> reserve, every layer; returns bytes moved."""
-        if not any(plan):
+        """Copy newly resident chunks mirror -> reserve, every layer; returns bytes moved.
+
+        ``recall="copies"``: per run of consecutive chunks of a row, one host -> device copy of
+        all layers' K and V into a device staging buffer [n, L, 2, H, cs, D], then per layer one
+        scatter of K and one of V into the reserve slots. ``recall="zero_copy"``: one kernel
+        reads the pinned mirror and writes the slots. On CUDA all of it runs on the side stream
+        after the work already queued on the current stream (which may still read the slots
+        being refilled); each layer records an event its next reserve write waits on. The
+        staging buffer and the
+        slot index are allocated and used on the side stream only, so freeing them needs no
+        cross-stream care; the reserve outlives the copies (``_grow`` and ``reset`` wait).
+        """
+        n_total = sum(len(p) for p in plan)
+        if n_total == 0:
             return 0
+        mirror = self.mirror
         stream = self._stream
         timing = None
         if stream is not None:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
-            stream.wait_event(ready)  # slots being refilled were read by the previous step
+            stream.wait_event(ready)
             timing = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             timing[0].record(stream)
-        moved = 0
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx:
-            for layer in self.layers:
-                mirror = layer.mirror
-                for b, pairs in enumerate(plan):
-                    if not pairs:
-                        continue
-                    staging = torch.empty(
-                        (len(pairs), 2, layer.heads_kv, self.chunk_size, layer.head_dim),
-                        dtype=layer.dtype,
-                        device=self.device,
-                    )
-                    j = 0
-                    for first, count in _runs([c for c, _ in pairs]):
-                        for off, view in mirror.runs(b, first, count):
-                            n = view.shape[0]
-                            staging[j + off : j + off + n].copy_(view, non_blocking=self.pin)
-                            self.recall_stats.copies += 1
-                        j += count
-                    slots = self._to_device(torch.tensor([s for _, s in pairs], dtype=torch.long))
-                    layer.reserve_k[b, :, slots] = staging[:, 0].transpose(0, 1)
-                    layer.reserve_v[b, :, slots] = staging[:, 1].transpose(0, 1)
-                    nbytes = staging.numel() * staging.element_size()
-                    moved += nbytes
-                    self.recall_stats.chunks += len(pairs)
-                if stream is not None:
+            if self.recall == "zero_copy":
+                self._recall_zero_copy(plan)
+            else:
+                self._recall_copies(plan, n_total)
+            if stream is not None:
+                for layer in self.layers:
                     layer.ready = torch.cuda.Event()
                     layer.ready.record(stream)
+        moved = n_total * mirror.chunk_nbytes
         if timing is not None:
             timing[1].record(stream)
             self.recall_stats.events.append((timing[0], timing[1], moved))
+        self.recall_stats.chunks += n_total * self.num_layers
         self.recall_stats.bytes += moved
         return moved
 
-    def _take_slot(self, b: int) -> int:
-        if not self.free[b]:
-            self._grow(max(self.n_slots + 1, math.ceil(self.n_slots * 1.25)), "decode")
-        return heapq.heappop(self.free[b])
+    def _recall_copies(self, plan: list[list[tuple[int, int]]], n_total: int) -> None:
+        """Per run of chunks one host -> device copy of all layers into a staging buffer (on
+        the side stream: it is freed there), then per layer one scatter of K and one of V."""
+        mirror = self.mirror
+        staging = torch.empty(
+            (n_total, *mirror.segments[0].shape[2:]), dtype=mirror.dtype, device=self.device
+        )
+        j = 0
+        for b, pairs in enumerate(plan):
+            for first, count in _runs([c for c, _ in pairs]):
+                for off, view in mirror.runs(b, first, count):
+                    staging[j + off : j + off + view.shape[0]].copy_(view, non_blocking=self.pin)
+                    self.recall_stats.copies += 1
+                j += count
+        index = [(b, slot) for b, pairs in enumerate(plan) for _, slot in pairs]
+        idx = self._to_device(torch.tensor(index, dtype=torch.long).T.contiguous())
+        rows, slots = idx[0], idx[1]
+        for i, layer in enumerate(self.layers):
+            layer.reserve_k[rows, :, slots] = staging[:, i, 0]
+            layer.reserve_v[rows, :, slots] = staging[:, i, 1]
+
+    def _recall_zero_copy(self, plan: list[list[tuple[int, int]]]) -> None:
+        items = torch.tensor(
+            [(b, c, slot) for b, pairs in enumerate(plan) for c, slot in pairs], dtype=torch.long
+        ).T.contiguous()
+        zero_copy_recall(
+            self.mirror.chunk_addresses(items[0], items[1]),
+            [(layer.reserve_k, layer.reserve_v) for layer in self.layers],
+            items[0],
+            items[2],
+            self._to_device,
+        )
+        self.recall_stats.copies += 1  # one kernel launch
 
     def _grow(self, n_slots: int, where: str) -> None:
         """Enlarge every layer's reserve to ``n_slots`` slots (rare: budgets grow with length)."""
@@ -695,9 +876,6 @@ class LSACache(Cache):
         if self.bt_host is not None:
             table[:, :old] = self.bt_host
         self.bt_host = table
-        for heap in self.free:
-            for s in range(old, n_slots):
-                heapq.heappush(heap, s)
         if self._tail_slot is None:
             self._tail_slot = torch.zeros(self.batch, dtype=torch.long, device=self.device)
         self.n_slots = n_slots
@@ -733,7 +911,7 @@ class LSACache(Cache):
                     continue  # no partial chunk, or it is still the prompt's (already mirrored)
                 slot = self.slot_of[b][c]
                 kv = torch.stack([layer.reserve_k[b, :, slot], layer.reserve_v[b, :, slot]])
-                layer.mirror.write_chunks(b, c, kv[None])
+                self.mirror.write_chunks(b, c, layer.layer_idx, kv[None])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -742,8 +920,11 @@ class LSACache(Cache):
 
         Row ``b`` equals a DynamicCache's ``keys[b, :, pad_b:]`` for the same inputs."""
         self.flush()
-        mirror = self.layers[layer_idx].mirror
-        return [mirror.tokens(b, n) for b, n in enumerate(self.kv_len_host)]
+        if not 0 <= layer_idx < self.num_layers:
+            raise IndexError(f"layer_idx {layer_idx} out of range (0..{self.num_layers - 1})")
+        if self.mirror is None:
+            return []
+        return [self.mirror.tokens(b, layer_idx, n) for b, n in enumerate(self.kv_len_host)]
 
     def resident_chunks(self) -> list[list[int]]:
         """Per row, the logical chunks now in the reserve (resident set + tail), sorted."""
@@ -767,7 +948,7 @@ class LSACache(Cache):
             for layer in self.layers
             if layer.dtype is not None
         )
-        host = sum(layer.mirror.nbytes() for layer in self.layers if layer.mirror is not None)
+        host = self.mirror.nbytes() if self.mirror is not None else 0
         dense = sum(
             2 * self.batch * layer.heads_kv * self.seq_len * layer.head_dim * layer.dtype.itemsize
             for layer in self.layers

@@ -1,9 +1,9 @@
-"""One decoder layer's share of an :class:`~lsa.cache.LSACache`: its mirror and its reserve.
+"""One decoder layer's share of an :class:`~lsa.cache.LSACache`: its device reserve.
 
-Bookkeeping that all layers share (per-row lengths, padding, the block table, refresh) lives in
-the cache; a layer only holds tensors:
+Bookkeeping that all layers share (per-row lengths, padding, the block table, refresh, and the
+host mirror, which stores a chunk of every layer as one block) lives in the cache; a layer only
+holds its device tensors:
 
-- ``mirror``: :class:`~lsa.cache.mirror.HostMirror`, the full history on the host;
 - ``reserve_k`` / ``reserve_v``: device ``[B, H_kv, n_slots, chunk_size, D]``; slot ``s`` of row
   ``b`` holds the logical chunk ``cache.block_table[b, 0, s]`` (-1 = empty). The tail (tokens
   written since the last refresh) lives in reserve slots too, so one ``reserve_attention`` call
@@ -19,7 +19,6 @@ from transformers.cache_utils import CacheLayerMixin
 
 if TYPE_CHECKING:
     from lsa.cache.cache import LSACache
-    from lsa.cache.mirror import HostMirror
 
 
 class LSALayer(CacheLayerMixin):
@@ -33,7 +32,6 @@ class LSALayer(CacheLayerMixin):
         super().__init__()
         self.cache = cache
         self.layer_idx = layer_idx
-        self.mirror: HostMirror | None = None
         self.reserve_k: torch.Tensor | None = None  # [B, H_kv, n_slots, chunk_size, D]
         self.reserve_v: torch.Tensor | None = None
         #: CUDA event recorded on the recall stream after this layer's last recall; the next
@@ -68,7 +66,6 @@ class LSALayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.mirror = None
         self.reserve_k = self.reserve_v = None
         self.ready = None
         self.keys = self.values = None

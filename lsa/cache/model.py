@@ -7,6 +7,16 @@ import torch
 _FULL = "full_attention"
 
 
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name ``generate()`` takes a cache under: ``cache`` from transformers 5.2x on,
+    ``past_key_values`` before. Passing the wrong one is silent on 5.17, which forwards an unknown
+    ``cache=`` to the layers and builds its own DynamicCache."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def text_config(model_or_config):
     config = getattr(model_or_config, "config", model_or_config)
     return config.gettext_config(decoder=True) if hasattr(config, "gettext_config") else config

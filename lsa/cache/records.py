@@ -59,7 +59,8 @@ class RecallStats:
 
     chunks: int = 0  # chunk copies, all layers
     bytes: int = 0
-    copies: int = 0  # host -> device copy calls (one per run of consecutive chunks)
+    copies: int = 0  # host -> device copy calls (one per run of consecutive chunks, all layers)
+    slot_moves: int = 0  # device-side slot moves that keep the reserve compacted (per layer)
     events: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = field(default_factory=list)
 
     def cuda_seconds(self) -> float:
