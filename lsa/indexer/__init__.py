@@ -21,12 +21,16 @@ def shipped_indexers() -> list[str]:
 
 
 def load_indexer(name_or_dir: str | Path, **expect) -> LightningIndexer:
-    """A shipped indexer by name (``"smollm2"``) or one saved in a directory.
+    """A shipped indexer by name (``"smollm2"``, ``"qwen2.5-coder-0.5b"`` or its alias
+    ``"qwen"``: the backbone names of :mod:`lsa.models`) or one saved in a directory.
 
     ``expect`` are config fields the caller requires (see
     :meth:`LightningIndexer.from_pretrained`), e.g. ``hidden_size=model.config.hidden_size``.
     """
-    path = WEIGHTS_DIR / str(name_or_dir)
+    from lsa.models import ALIASES
+
+    name = ALIASES.get(str(name_or_dir), str(name_or_dir))
+    path = WEIGHTS_DIR / name
     if not (path / "indexer_config.json").is_file():
         path = Path(name_or_dir)
     if not path.is_dir():

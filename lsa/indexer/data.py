@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -25,6 +25,16 @@ class Batch:
     reactive: torch.Tensor  # float [B, n]: SnapKV-style scores (zeros off selectable)
     n_chunks: torch.Tensor  # int64 [B]
 
+    def to(self, device) -> Batch:
+        """The same batch with every tensor on ``device``."""
+        moved = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            moved[f.name] = (
+                {k: t.to(device) for k, t in v.items()} if isinstance(v, dict) else v.to(device)
+            )
+        return Batch(**moved)
+
 
 class ShardData:
     """All shards of a dump in memory, one split at a time (``split`` in train/val/test/None)."""
@@ -44,6 +54,8 @@ class ShardData:
         doc_offset = chunk_offset = label_offset = 0
         self.doc_chunk_start: list[int] = []
         self.doc_ids: list[str] = []
+        #: the manifest's entry of each kept document (id, split, length, task, bucket?).
+        self.doc_meta: list[dict] = []
         for shard in manifest["shards"]:
             t = load_file(str(directory / shard["file"]))
             keep_doc = [split is None or d["split"] == split for d in shard["docs"]]
@@ -58,6 +70,7 @@ class ShardData:
                 new_doc[i] = doc_offset
                 self.doc_chunk_start.append(chunk_offset)
                 self.doc_ids.append(shard["docs"][i]["id"])
+                self.doc_meta.append(shard["docs"][i])
                 for layer in self.layers:
                     feats[layer].append(t[f"features.{layer}"][cptr[i] : cptr[i + 1]])
                 chunk_offset += int(cptr[i + 1] - cptr[i])
@@ -105,12 +118,28 @@ class ShardData:
     def feature_dim(self) -> int:
         return int(self.features[self.layers[0]].shape[1])
 
+    #: tensors :meth:`to` moves (``is_answer``, ``selectable_mass`` stay on the CPU for reports).
+    _DEVICE_TENSORS = (
+        "position", "n_chunks", "doc", "doc_chunk_start_t", "label_ptr", "label_index",
+        "label_target", "label_reactive",
+    )  # fmt: skip
+
+    def to(self, device) -> ShardData:
+        """Move what :meth:`batch` reads to ``device`` (in place), so batches are built there."""
+        for name in self._DEVICE_TENSORS:
+            setattr(self, name, getattr(self, name).to(device))
+        self.hidden = {k: v.to(device) for k, v in self.hidden.items()}
+        self.features = {k: v.to(device) for k, v in self.features.items()}
+        return self
+
     def batch(self, indices: torch.Tensor) -> Batch:
-        indices = indices.long()
+        """Positions ``indices`` as a padded :class:`Batch` on this data's device."""
+        dev = self.position.device
+        indices = indices.to(dev).long()
         b = len(indices)
         n_t = self.n_chunks[indices]
         n = max(1, int(n_t.max()))
-        j = torch.arange(n)
+        j = torch.arange(n, device=dev)
         exists = j[None] < n_t[:, None]
         selectable = (
             exists & (j[None] >= self.sink_chunks) & (j[None] < (n_t - self.recent_chunks)[:, None])
@@ -121,13 +150,18 @@ class ShardData:
         total = self.features[self.layers[0]].shape[0]
         rows = rows.clamp(max=total - 1)
         features = {layer: self.features[layer][rows] * exists[..., None] for layer in self.layers}
-        target = torch.zeros(b, n)
-        reactive = torch.zeros(b, n)
-        for r, i in enumerate(indices.tolist()):
-            a, z = int(self.label_ptr[i]), int(self.label_ptr[i + 1])
-            cols = self.label_index[a:z]
-            target[r, cols] = self.label_target[a:z]
-            reactive[r, cols] = self.label_reactive[a:z]
+        # CSR rows -> dense [B, n], vectorised: entry e of row r sits at label_ptr[i_r] + e.
+        starts = self.label_ptr[indices]
+        lens = self.label_ptr[indices + 1] - starts
+        row = torch.repeat_interleave(torch.arange(b, device=dev), lens)
+        first_entry = torch.repeat_interleave(lens.cumsum(0) - lens, lens)
+        src = torch.repeat_interleave(starts, lens) + torch.arange(row.numel(), device=dev)
+        src = src - first_entry
+        cols = self.label_index[src]
+        target = torch.zeros(b, n, device=dev)
+        reactive = torch.zeros(b, n, device=dev)
+        target[row, cols] = self.label_target[src].float()
+        reactive[row, cols] = self.label_reactive[src].float()
         return Batch(
             hidden={layer: self.hidden[layer][indices] for layer in self.layers},
             features=features,

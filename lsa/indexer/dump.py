@@ -14,7 +14,9 @@ indexer needs at sampled positions ``t`` — and nothing else, so training never
 Shards are ``shard_00000.safetensors`` …; ``manifest.json`` holds the model, layers, τ, chunk
 size, label parameters, the backbone's RoPE frequencies and, per shard, its documents with their
 split (train / val / test, by document). The manifest is rewritten after each shard, so an
-interrupted dump resumes where it stopped (same settings required).
+interrupted dump resumes where it stopped (same settings required). Test and validation
+documents are dumped first, so ``--max-seconds`` (a clean stop after a shard) keeps them all.
+On cuda the backbone runs in bf16 by default; the recorded tensors are fp32 either way.
 
 Corpus lines (JSONL): ``{"id", "text"}``, or RULER's ``{"id"?, "input", "outputs"}`` (the prompt
 then the first reference answer, teacher-forced; the last prompt token is always sampled and
@@ -28,6 +30,7 @@ import argparse
 import hashlib
 import json
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -62,6 +65,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--query-block", type=int, default=256)
     parser.add_argument("--chat-template", action="store_true", help="wrap prompts as chat turns")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="backbone weights (default: bfloat16 on cuda, float32 on cpu); attention mass "
+        "for the labels, hidden states and keys are always recorded in float32",
+    )
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="stop cleanly (after a shard) once this much time has passed; resume later",
+    )
 
 
 def split_of(doc_id: str, val_frac: float, test_frac: float) -> str:
@@ -125,11 +142,17 @@ def backbone_rope(model) -> tuple[list[float], float]:
 
 
 def dump_document(model, ids: list[int], answer, args, label_cfg, inv_freq, scaling) -> dict:
-    """Tensors of one document (see the module docstring), before concatenation into a shard."""
-    x = torch.tensor([ids], dtype=torch.long)
+    """Tensors of one document (see the module docstring), before concatenation into a shard.
+
+    The forward pass runs on the model's device; everything kept is moved to the CPU.
+    """
+    device = next(model.parameters()).device
+    x = torch.tensor([ids], dtype=torch.long, device=device)
     rec = teacher_forced_pass(model, x, args.target_layers, label_cfg)
+    rec.hidden = {k: v.cpu() for k, v in rec.hidden.items()}
+    rec.keys = {k: v.cpu() for k, v in rec.keys.items()}
     positions = sample_positions(len(ids), args.stride, args.min_position, answer)
-    targets = lookahead_targets(rec.mass, rec.n_terms, positions, label_cfg)
+    targets = lookahead_targets(rec.mass.cpu(), rec.n_terms, positions, label_cfg)
     cs = args.chunk_size
     n_doc = len(ids) // cs
     starts = (torch.arange(n_doc) * cs)[None]
@@ -173,6 +196,7 @@ def _settings(args, label_cfg, inv_freq, scaling, model) -> dict:
     cfg = model.config
     return {
         "model": args.model,
+        "backbone_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "hidden_size": cfg.hidden_size,
         "num_layers": cfg.num_hidden_layers,
         "kv_heads": cfg.num_key_value_heads,
@@ -207,7 +231,10 @@ def run(args: argparse.Namespace) -> int:
     docs = read_corpus(args.corpus)
     if args.max_docs is not None:
         docs = docs[: args.max_docs]
-    model, tokenizer = load_model(args.model)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, dtype_name))
+    model.to(device)
     label_cfg = LabelConfig(
         chunk_size=args.chunk_size,
         lookahead=args.lookahead,
@@ -230,7 +257,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         manifest = {"format_version": 1, "settings": settings, "shards": []}
     done = {d["id"] for s in manifest["shards"] for d in s["docs"]}
-    todo = [d for d in docs if d["id"] not in done]
+    for doc in docs:
+        doc["split"] = doc.get("split") or split_of(doc["id"], args.val_frac, args.test_frac)
+        if doc["split"] not in SPLITS:
+            raise ValueError(
+                f"document {doc['id']!r}: split must be one of {SPLITS}, got {doc['split']!r}"
+            )
+    # Test and validation documents first, so a dump stopped by --max-seconds has them all.
+    todo = sorted(
+        (d for d in docs if d["id"] not in done), key=lambda d: SPLITS[::-1].index(d["split"])
+    )
     pending: list[tuple[dict, dict]] = []
 
     def flush() -> None:
@@ -249,21 +285,27 @@ def run(args: argparse.Namespace) -> int:
         _write_json(manifest_path, manifest)
         pending.clear()
 
+    t0 = time.monotonic()
     for doc in tqdm(todo, desc="dump", unit="doc", initial=len(done), total=len(docs)):
         ids, answer = tokenize(doc, tokenizer, args.chat_template)
         ids = ids[: args.max_length]
         if len(ids) < 2 * args.chunk_size + 1:
             continue
         tensors = dump_document(model, ids, answer, args, label_cfg, inv_freq, scaling)
-        split = doc.get("split") or split_of(doc["id"], args.val_frac, args.test_frac)
-        if split not in SPLITS:
-            raise ValueError(
-                f"document {doc['id']!r}: split must be one of {SPLITS}, got {split!r}"
-            )
-        meta = {"id": doc["id"], "split": split, "length": len(ids), "task": doc.get("task", "")}
+        meta = {
+            "id": doc["id"],
+            "split": doc["split"],
+            "length": len(ids),
+            "task": doc.get("task", ""),
+        }
+        if "bucket" in doc:
+            meta["bucket"] = int(doc["bucket"])
         pending.append((meta, tensors))
         if len(pending) >= args.docs_per_shard:
             flush()
+            if args.max_seconds is not None and time.monotonic() - t0 > args.max_seconds:
+                print(f"stopping after --max-seconds {args.max_seconds:g}; run again to resume")
+                break
     flush()
     n = sum(s["samples"] for s in manifest["shards"])
     print(f"{len(manifest['shards'])} shards, {n} positions -> {out}")

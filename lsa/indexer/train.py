@@ -15,7 +15,9 @@ Losses (per target layer, averaged over layers; ``--loss``):
 AdamW, cosine decay (with a short linear warm-up), gradient clipping; validation metrics
 (:mod:`lsa.indexer.metrics`) every epoch; the best epoch by validation coverage (mean of the
 budgets) is saved with ``save_pretrained``; the test split is reported against Recency, Random
-and SnapKV-style at the end, and everything is written to ``<out>/metrics.json``.
+and SnapKV-style at the end (all positions, answer positions, and per document length when the
+corpus recorded a ``bucket``), and everything is written to ``<out>/metrics.json``. Runs on
+cuda when available (``--device``); batches are then built on the GPU.
 """
 
 from __future__ import annotations
@@ -62,6 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="stop after the epoch that passes this much training time (best epoch kept)",
+    )
 
 
 def build_indexer(data: ShardData, args) -> LightningIndexer:
@@ -130,14 +139,20 @@ def positives(batch: Batch, budget: float, sink: int, recent: int) -> torch.Tens
     return pos
 
 
+def _device(model: LightningIndexer) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def score_split(model: LightningIndexer, data: ShardData, batch_size: int = 256):
-    """Ensemble scores, targets and selectable masks per position (lists of [n_t])."""
+    """Ensemble scores, targets and selectable masks per position (lists of [n_t], on CPU)."""
     model.eval()
     scores, targets, selectable, reactive, n_list = [], [], [], [], []
     for start in range(0, len(data), batch_size):
-        batch = data.batch(torch.arange(start, min(len(data), start + batch_size)))
-        logits = model.ensemble(list(batch_logits(model, batch).values()))
+        on = data.batch(torch.arange(start, min(len(data), start + batch_size)))
+        on = on.to(_device(model))
+        logits = model.ensemble(list(batch_logits(model, on).values())).float().cpu()
+        batch = on.to("cpu")  # the metrics loop over positions: on the CPU
         for r, n in enumerate(batch.n_chunks.tolist()):
             scores.append(logits[r, :n])
             targets.append(batch.target[r, :n])
@@ -202,7 +217,15 @@ def run(args: argparse.Namespace) -> int:
         for d in (train_data, val_data, test_data):
             if d is not None:
                 d.layers = sorted(args.layers)
-    model = build_indexer(train_data, args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    stats = {"train": label_stats(train_data), "val": label_stats(val_data)}
+    if test_data is not None:
+        stats["test"] = label_stats(test_data)
+    # Batches are built where the model trains (gathers of [B, n, F] features are the cost).
+    for d in (train_data, val_data, test_data):
+        if d is not None:
+            d.to(device)
+    model = build_indexer(train_data, args).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train_data) / args.batch_size)
     total = max(1, steps_per_epoch * args.epochs)
@@ -227,8 +250,10 @@ def run(args: argparse.Namespace) -> int:
         losses = []
         for start in range(0, len(train_data), args.batch_size):
             batch = train_data.batch(perm[start : start + args.batch_size])
-            per_layer = batch_logits(model, batch)
             pos = positives(batch, args.label_budget, sink, recent) if args.loss != "kl" else None
+            batch = batch.to(device)
+            pos = pos.to(device) if pos is not None else None
+            per_layer = batch_logits(model, batch)
             terms = []
             for logits in per_layer.values():
                 term = 0.0
@@ -259,35 +284,67 @@ def run(args: argparse.Namespace) -> int:
             f"{val['0.1']['coverage']:.3f} ovl@0.1 {val['0.1']['overlap']:.3f} cov@0.2 "
             f"{val['0.2']['coverage']:.3f}{mark}  ({time.time() - t0:.0f}s)"
         )
-    best_model = LightningIndexer.from_pretrained(out)
+        if args.max_seconds is not None and time.time() - t0 > args.max_seconds:
+            log(f"stopping after epoch {epoch}: --max-seconds {args.max_seconds:g} reached")
+            break
+    best_model = LightningIndexer.from_pretrained(out).to(device)
     report = {
         "args": {k: v for k, v in vars(args).items() if k != "func"},
         "data": str(args.data),
         "dump_settings": {k: v for k, v in train_data.settings.items() if k != "backbone_inv_freq"},
-        "label_stats": {"train": label_stats(train_data), "val": label_stats(val_data)},
+        "label_stats": stats,
         "best_epoch": best_epoch,
+        "epochs_run": len(history),  # fewer than --epochs when --max-seconds stopped it
         "history": history,
         "val": evaluate_model(best_model, val_data, with_baselines=True),
-        "hardware": {"machine": platform.machine(), "threads": torch.get_num_threads()},
+        "hardware": {
+            "machine": platform.machine(),
+            "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        },
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "train_seconds": round(time.time() - t0, 1),
     }
     log(f"\nvalidation (best epoch {best_epoch}):\n" + format_table(report["val"]))
     if test_data is not None:
-        report["label_stats"]["test"] = label_stats(test_data)
         report["test"] = evaluate_model(best_model, test_data, with_baselines=True)
         log("\ntest:\n" + format_table(report["test"]))
+        scored = score_split(best_model, test_data)
         answer = test_data.is_answer.nonzero().flatten()
         if len(answer):
-            report["test_answer_positions"] = _subset_eval(best_model, test_data, answer)
+            report["test_answer_positions"] = _subset_eval(scored, test_data, answer)
             log("\ntest, answer positions only:\n" + format_table(report["test_answer_positions"]))
+        report["test_by_length"] = by_length = {}
+        for bucket, idx in _positions_by_bucket(test_data).items():
+            by_length[bucket] = {"all": _subset_eval(scored, test_data, idx)}
+            log(
+                f"\ntest, {bucket}-token documents, all positions:\n"
+                + format_table(by_length[bucket]["all"])
+            )
+            ans = idx[test_data.is_answer[idx]]
+            if len(ans):
+                by_length[bucket]["answer"] = _subset_eval(scored, test_data, ans)
+                log(
+                    f"\ntest, {bucket}-token documents, answer positions:\n"
+                    + format_table(by_length[bucket]["answer"])
+                )
     (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
     return 0
 
 
-def _subset_eval(model, data: ShardData, idx: torch.Tensor):
-    scores, targets, selectable, reactive, n_list = score_split(model, data)
+def _positions_by_bucket(data: ShardData) -> dict[int, torch.Tensor]:
+    """Position indices grouped by their document's ``bucket`` (nominal length), if recorded."""
+    buckets = torch.tensor([int(m.get("bucket", -1)) for m in data.doc_meta], dtype=torch.int64)
+    per_position = buckets[data.doc.cpu()]
+    return {
+        int(b): (per_position == b).nonzero().flatten()
+        for b in sorted(set(buckets.tolist()) - {-1})
+    }
+
+
+def _subset_eval(scored, data: ShardData, idx: torch.Tensor):
+    scores, targets, selectable, reactive, n_list = scored
     pick = lambda xs: [xs[i] for i in idx.tolist()]  # noqa: E731
     methods = {"indexer": pick(scores)}
     methods.update(baseline_scores(pick(n_list), pick(reactive)))
