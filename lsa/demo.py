@@ -144,38 +144,6 @@ def ruler_samples(task: str, *, tokenizer_path: Path, length: int, samples: int,
     return out[:samples]
 
 
-class _StepClock:
-    """A logits processor that only records when each generation step's logits are ready."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.times.append(time.perf_counter())
-        return scores
-
-
-def _generate(model, ids, mask, *, cache, max_new_tokens: int, pad_id: int):
-    """Greedy generate; returns (new token ids, decode steps, decode seconds)."""
-    from transformers import LogitsProcessorList
-
-    clock = _StepClock()
-    extra = {} if cache is None else {"cache": cache}
-    out = model.generate(
-        ids,
-        attention_mask=mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=pad_id,
-        logits_processor=LogitsProcessorList([clock]),
-        **extra,
-    )
-    # the first logits come from the prefill; every later call follows one decode forward
-    steps = len(clock.times) - 1
-    seconds = clock.times[-1] - clock.times[0] if steps > 0 else 0.0
-    return out[0, ids.shape[1] :], steps, seconds
-
-
 def run_ruler(args: argparse.Namespace) -> int:
     from lsa.models import SMOLLM2, cache_root
 
@@ -188,11 +156,9 @@ def run_ruler(args: argparse.Namespace) -> int:
     converting = not (cache_root() / "smollm2-135m-instruct" / "config.json").is_file()
     check_requirements(converting=converting)
 
-    from tqdm.auto import tqdm
-    from transformers import DynamicCache
-
     from lsa.eval import ruler
-    from lsa.eval.baselines import RandomScorer, RecencyScorer
+    from lsa.eval.cli import evaluate
+    from lsa.eval.runner import Sample
     from lsa.indexer import load_indexer
     from lsa.models import load_model, model_dir
 
@@ -204,110 +170,84 @@ def run_ruler(args: argparse.Namespace) -> int:
     if converting:
         print(f"converting SmolLM2's GGUF once (cached in {cache_root()}) ...", file=sys.stderr)
     model, tokenizer = load_model(SMOLLM2)
-    data = []
+    samples, caps = [], set()
     for task in args.tasks:
         cfg = ruler.task_config(task)
         new_tokens = cfg["tokens_to_generate"]
         if args.max_new_tokens > 0:
             new_tokens = min(new_tokens, args.max_new_tokens)
-        for s in ruler_samples(
-            task,
-            tokenizer_path=model_dir(SMOLLM2),
-            length=args.length,
-            samples=args.samples,
-            seed=args.seed,
+        caps.add((cfg["tokens_to_generate"], new_tokens))
+        for i, s in enumerate(
+            ruler_samples(
+                task,
+                tokenizer_path=model_dir(SMOLLM2),
+                length=args.length,
+                samples=args.samples,
+                seed=args.seed,
+            )
         ):
             prompt = tokenizer.apply_chat_template(
                 [{"role": "user", "content": s["input"]}],
                 add_generation_prompt=True,
                 tokenize=False,
             )
-            ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-            data.append((task, cfg["tokens_to_generate"], new_tokens, ids, s["outputs"]))
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            samples.append(Sample(task, i, tuple(ids), tuple(s["outputs"]), new_tokens))
 
     indexer = load_indexer("smollm2", hidden_size=model.config.hidden_size)
     cs = indexer.chunk_size
-    scorers = {
-        "lsa": indexer,
-        "recency": RecencyScorer(chunk_size=cs),
-        "random": RandomScorer(args.seed, chunk_size=cs),
-    }
-    caches = {
-        name: lsa.LSACache(
-            model,
-            scorer,
-            budget=args.budget,
-            chunk_size=cs,
-            refresh_every=REFRESH_EVERY,
-            sink_chunks=args.sink_chunks,
-            recent_chunks=args.recent_chunks,
-        )
-        for name, scorer in scorers.items()
-        if name in args.methods
-    }
     methods = [m for m in METHODS if m in args.methods]
-    stats = {m: {"scores": {}, "fraction": [], "steps": 0, "seconds": 0.0} for m in methods}
-    answers = []
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    bar = tqdm(total=len(data) * len(methods), desc="demo", unit="run", file=sys.stderr)
-    try:
-        with torch.inference_mode():
-            for i, (task, _, new_tokens, ids, refs) in enumerate(data):
-                mask = torch.ones_like(ids)
-                for m in methods:
-                    bar.set_postfix_str(f"{task}#{i} {m}")
-                    if m == "dense":
-                        model.set_attn_implementation("sdpa")
-                        cache = DynamicCache(config=model.config)
-                        kwargs = {"cache": cache}
-                    else:
-                        model.set_attn_implementation("lsa")
-                        cache = caches[m]
-                        cache.reset()
-                        kwargs = {"cache": cache}
-                    new, steps, seconds = _generate(
-                        model, ids, mask, max_new_tokens=new_tokens, pad_id=pad_id, **kwargs
-                    )
-                    fraction = 1.0 if m == "dense" else cache.footprint().device_fraction
-                    text = ruler.postprocess_pred(tokenizer.decode(new, skip_special_tokens=True))
-                    value = ruler.metric_for(task)(text, refs)
-                    st = stats[m]
-                    st["scores"].setdefault(task, []).append(value)
-                    st["fraction"].append(fraction)
-                    st["steps"] += steps
-                    st["seconds"] += seconds
-                    answers.append(
-                        {"task": task, "sample": i, "method": m, "pred": text, "refs": refs}
-                    )
-                    bar.update()
-    finally:
-        bar.close()
-        model.set_attn_implementation("sdpa")
-        for cache in caches.values():
-            cache.close()
+    records = evaluate(
+        model,
+        lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+        samples,
+        methods=methods,
+        budgets=[args.budget],
+        seed=args.seed,
+        indexer=indexer,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        chunk_size=cs,
+        refresh_every=REFRESH_EVERY,
+        sink_chunks=args.sink_chunks,
+        recent_chunks=args.recent_chunks,
+    )
     wall = time.perf_counter() - t0
 
     rows = []
     for m in methods:
-        st = stats[m]
-        per_task = {t: 100.0 * sum(v) / len(v) for t, v in st["scores"].items()}
+        recs = [r for r in records if r["method"] == m]
+        scores: dict[str, list[float]] = {}
+        for r in recs:
+            scores.setdefault(r["task"], []).append(r["score"])
+        per_task = {t: 100.0 * sum(v) / len(v) for t, v in scores.items()}
+        steps = sum(r["decode_tokens"] for r in recs)
+        seconds = sum(r["decode_seconds"] for r in recs)
         rows.append(
             {
                 "method": m,
                 "accuracy": sum(per_task.values()) / len(per_task),
                 "per_task": per_task,
-                "device_fraction": sum(st["fraction"]) / len(st["fraction"]),
-                "decode_tok_s": st["steps"] / st["seconds"] if st["seconds"] > 0 else math.nan,
+                "device_fraction": sum(r["kv"]["device_fraction"] for r in recs) / len(recs),
+                "decode_tok_s": steps / seconds if seconds > 0 else math.nan,
             }
         )
-    lengths = [d[3].shape[1] for d in data]
-    caps = sorted({(d[1], d[2]) for d in data})
+    answers = [
+        {
+            "task": r["task"],
+            "sample": r["sample"],
+            "method": r["method"],
+            "pred": r["prediction"],
+            "refs": r["references"],
+        }
+        for r in records
+    ]
+    lengths = [len(s.input_ids) for s in samples]
     cap_note = ", ".join(
-        f"{n} (RULER's {r}{', capped for speed' if n < r else ''})" for r, n in caps
+        f"{n} (RULER's {r}{', capped for speed' if n < r else ''})" for r, n in sorted(caps)
     )
     print(
         f"SmolLM2-135M-Instruct, RULER {' '.join(args.tasks)} at {args.length} tokens "
-        f"({len(data)} samples, prompts {min(lengths)}-{max(lengths)} tokens with the chat "
+        f"({len(samples)} samples, prompts {min(lengths)}-{max(lengths)} tokens with the chat "
         f"template), greedy, max_new_tokens {cap_note}; budget {args.budget:g}, chunk {cs}, "
         f"refresh every {REFRESH_EVERY}, sink {args.sink_chunks} + recent {args.recent_chunks} "
         f"(inside the budget); seed {args.seed}; {torch.get_num_threads()} "

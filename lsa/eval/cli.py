@@ -1,0 +1,463 @@
+"""``python -m lsa eval``: RULER accuracy vs KV footprint for dense, lsa, baselines and kvpress.
+
+Workflow (kvpress runs in its own environment, see :mod:`lsa.eval.kvpress_runner`)::
+
+    python -m lsa eval --model smollm2 --tasks niah_single_1 --samples 25 --out runs/s4k \\
+        --prepare-only                       # RULER files + runs/s4k/prompts.jsonl
+    /work/kvpress-venv/bin/python -m lsa.eval.kvpress_runner --prompts runs/s4k/prompts.jsonl \\
+        --model ~/.cache/lsa/smollm2-135m-instruct --budget 0.1 --out runs/s4k/kvpress.json
+    python -m lsa eval --model smollm2 --tasks niah_single_1 --samples 25 --out runs/s4k \\
+        --methods dense lsa recency random oracle snapkv streamingllm expected_attention \\
+        --kvpress-results runs/s4k/kvpress.json
+
+Writes under ``--out``: ``prompts.jsonl`` (the exact token ids every method sees),
+``results.json`` (one record per task, method, budget and sample), ``results.md`` and the plots
+(``--no-plots`` skips them; ``python -m lsa.eval.report OUT/results.json`` makes them later).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lsa.eval.kvpress_runner import prompt_digest
+
+#: methods run here, through LSACache (all but dense) at the same settings
+LOCAL_METHODS = ("dense", "lsa", "recency", "random", "oracle")
+#: methods read from a kvpress results file (:mod:`lsa.eval.kvpress_runner`)
+KVPRESS_METHODS = ("snapkv", "streamingllm", "expected_attention")
+MODEL_ALIASES = {"qwen": "qwen2.5-coder-0.5b"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lsa.eval.ruler import TASKS
+
+    a = parser.add_argument
+    a("--model", default="smollm2", help="smollm2, qwen, or a transformers model directory")
+    a(
+        "--tasks",
+        nargs="+",
+        default=None,
+        help=f"RULER tasks or 'all' ({len(TASKS)}); default niah_single_1, or all in --prompts",
+    )
+    a("--length", type=int, default=4096, help="RULER length in tokens (default 4096)")
+    a("--samples", type=int, default=4, help="samples per task (default 4)")
+    a("--budget", type=float, nargs="+", default=[0.1], help="fractions of chunks kept")
+    a(
+        "--methods",
+        nargs="+",
+        default=["dense", "lsa", "recency", "random"],
+        choices=LOCAL_METHODS + KVPRESS_METHODS,
+        help="oracle needs dense (added if missing); kvpress methods need --kvpress-results",
+    )
+    a("--seed", type=int, default=0, help="RULER data and Random scorer seed")
+    a("--out", type=Path, required=True, help="output folder")
+    a("--batch-size", type=int, default=1, help="samples per generate() call (left padding)")
+    a("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    a("--dtype", default="float32", choices=list(DTYPES), help="model dtype (default float32)")
+    a("--indexer", default=None, help="indexer name or folder (default: the model's shipped one)")
+    a("--data", type=Path, default=None, help="RULER files folder (default under $LSA_CACHE/ruler)")
+    a(
+        "--prompts",
+        type=Path,
+        default=None,
+        help="read the samples from a prompts.jsonl[.gz] an earlier --prepare-only wrote (no RULER "
+        "package needed; --length, --samples, --data, --max-new-tokens are then ignored)",
+    )
+    a("--chunk-size", type=int, default=64, help="tokens per chunk (must match the indexer)")
+    a("--refresh-every", type=int, default=64, help="τ, decode steps between refreshes")
+    a("--sink-chunks", type=int, default=1, help="first chunks always kept (inside the budget)")
+    a("--recent-chunks", type=int, default=2, help="last chunks always kept (inside the budget)")
+    a("--max-new-tokens", type=int, default=0, help="cap on RULER's tokens_to_generate (0 = none)")
+    a("--kvpress-results", type=Path, nargs="+", default=[], help="kvpress_runner outputs to merge")
+    a("--prepare-only", action="store_true", help="write RULER files and prompts.jsonl, then stop")
+    a("--no-plots", action="store_true", help="skip the plots (no matplotlib needed)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except UsageError as err:
+        print(f"python -m lsa eval: {err}", file=sys.stderr)
+        return 2
+
+
+class UsageError(ValueError):
+    """A bad command line; the message names the argument."""
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+    """Validate ``args`` in place (tasks expanded); returns the methods in run order."""
+    from lsa.eval.ruler import TASKS
+
+    if args.tasks is None:
+        args.tasks = list(TASKS) if args.prompts is not None else ["niah_single_1"]
+    if args.tasks == ["all"]:
+        args.tasks = list(TASKS)
+    if args.prompts is not None and not args.prompts.is_file():
+        raise UsageError(f"--prompts: {args.prompts} does not exist")
+    if args.prompts is not None and args.prepare_only:
+        raise UsageError("--prompts and --prepare-only exclude each other")
+    bad = [t for t in args.tasks if t not in TASKS]
+    if bad:
+        raise UsageError(f"--tasks: {bad} are not RULER tasks; choose from {TASKS} or 'all'")
+    if args.samples < 1 or args.length < 256 or args.batch_size < 1:
+        raise UsageError(
+            "--samples and --batch-size must be >= 1 and --length >= 256, got "
+            f"{args.samples}, {args.batch_size} and {args.length}"
+        )
+    for b in args.budget:
+        if not 0 < b <= 1:
+            raise UsageError(f"--budget must be fractions in (0, 1], got {b}")
+    methods = list(dict.fromkeys(args.methods))
+    if "oracle" in methods and "dense" not in methods:
+        methods.insert(0, "dense")  # the oracle reads the dense answer's attention
+    wanted_press = [m for m in methods if m in KVPRESS_METHODS]
+    if wanted_press and not args.kvpress_results and not args.prepare_only:
+        raise UsageError(
+            f"--methods {wanted_press} run in kvpress's own environment: write prompts with "
+            "--prepare-only, run `python -m lsa.eval.kvpress_runner` on OUT/prompts.jsonl and pass "
+            "its output with --kvpress-results"
+        )
+    if args.kvpress_results and not wanted_press:
+        raise UsageError(
+            f"--kvpress-results given but --methods names none of {KVPRESS_METHODS} to merge"
+        )
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return sorted(methods, key=lambda m: (m != "dense", (LOCAL_METHODS + KVPRESS_METHODS).index(m)))
+
+
+def load_samples(args, tokenizer, tokenizer_path: Path, tag: str) -> list:
+    """RULER samples as :class:`lsa.eval.runner.Sample`, chat template applied when there is one."""
+    from tqdm.auto import tqdm
+
+    from lsa.eval import ruler
+    from lsa.eval.runner import Sample
+    from lsa.models import cache_root
+
+    data = (
+        args.data
+        or cache_root() / "ruler" / f"{tag}_len{args.length}_n{args.samples}_seed{args.seed}"
+    )
+    samples = []
+    for task in tqdm(args.tasks, desc="RULER data", unit="task", file=sys.stderr):
+        cfg = ruler.task_config(task)
+        new_tokens = cfg["tokens_to_generate"]
+        if args.max_new_tokens > 0:
+            new_tokens = min(new_tokens, args.max_new_tokens)
+        rows = ruler.generate(
+            task,
+            tokenizer_path=tokenizer_path,
+            max_seq_length=args.length,
+            num_samples=args.samples,
+            save_dir=data,
+            seed=args.seed,
+        )
+        if len(rows) < args.samples:
+            raise RuntimeError(
+                f"{data / task} holds {len(rows)} samples, {args.samples} expected (an "
+                "interrupted generation?); delete that folder and run again"
+            )
+        for i, s in enumerate(rows[: args.samples]):
+            text = s["input"]
+            if getattr(tokenizer, "chat_template", None):
+                text = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+                )
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            samples.append(Sample(task, i, tuple(ids), tuple(s["outputs"]), new_tokens))
+    return samples
+
+
+def _open_text(path: Path, mode: str, *, gz: bool):
+    import gzip
+
+    return gzip.open(path, mode + "t") if gz else path.open(mode)
+
+
+def read_prompts(path: Path, tasks: list[str]) -> list:
+    """The samples of ``tasks`` from a prompts file :func:`write_prompts` wrote."""
+    from lsa.eval.runner import Sample
+
+    samples = []
+    with _open_text(path, "r", gz=path.suffix == ".gz") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            if r["task"] not in tasks:
+                continue
+            if r["digest"] != prompt_digest(r["input_ids"]):
+                raise UsageError(f"--prompts: {path} row {r['task']}#{r['sample']} is corrupt")
+            samples.append(
+                Sample(
+                    r["task"],
+                    r["sample"],
+                    tuple(r["input_ids"]),
+                    tuple(r["references"]),
+                    r["max_new_tokens"],
+                )
+            )
+    if not samples:
+        raise UsageError(f"--prompts: {path} holds no samples of --tasks {tasks}")
+    return samples
+
+
+def write_prompts(samples, path: Path) -> None:
+    """One JSON line per sample: task, sample, input_ids, references, max_new_tokens, digest
+    (``.gz`` names are gzipped)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # written aside and renamed: a kvpress run may be reading the previous (identical) file
+    tmp = path.with_name(path.name + ".partial")
+    with _open_text(tmp, "w", gz=path.suffix == ".gz") as f:
+        for s in samples:
+            row = {
+                "task": s.task,
+                "sample": s.index,
+                "input_ids": list(s.input_ids),
+                "references": list(s.refs),
+                "max_new_tokens": s.max_new_tokens,
+                "digest": prompt_digest(s.input_ids),
+            }
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(path)
+
+
+def read_kvpress(paths: list[Path], samples, methods: list[str], budgets: list[float]) -> list:
+    """kvpress records for ``methods`` x ``budgets`` x ``samples``, checked against the prompts."""
+    from lsa.eval import ruler
+
+    by_key = {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        for r in data["records"]:
+            by_key[(r["method"], round(float(r["budget"]), 6), r["task"], r["sample"])] = r
+    digests = {(s.task, s.index): prompt_digest(s.input_ids) for s in samples}
+    out, missing = [], []
+    for m in methods:
+        for b in budgets:
+            for s in samples:
+                r = by_key.get((m, round(b, 6), s.task, s.index))
+                if r is None:
+                    missing.append(f"{m}@{b} {s.task}#{s.index}")
+                    continue
+                if r["digest"] != digests[(s.task, s.index)]:
+                    raise UsageError(
+                        f"--kvpress-results: {m}@{b} {s.task}#{s.index} was run on another prompt "
+                        "(token ids differ): rerun kvpress_runner on this run's prompts.jsonl"
+                    )
+                # RULER's metric is applied here, as for every other method
+                pred = ruler.postprocess_pred(r["prediction"])
+                rec = dict(r)
+                rec.update(
+                    prediction=pred,
+                    budget=b,
+                    references=list(s.refs),
+                    score=ruler.metric_for(s.task)(pred, list(s.refs)),
+                )
+                out.append(rec)
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise UsageError(f"--kvpress-results lack {len(missing)} records: {shown}")
+    return out
+
+
+def evaluate(
+    model,
+    decode,
+    samples,
+    *,
+    methods: list[str],
+    budgets: list[float],
+    seed: int,
+    indexer=None,
+    batch_size: int = 1,
+    pad_id: int = 0,
+    chunk_size: int = 64,
+    refresh_every: int = 64,
+    sink_chunks: int = 1,
+    recent_chunks: int = 2,
+) -> list[dict]:
+    """Run the local methods (dense first) on ``samples``; returns every record."""
+    from tqdm.auto import tqdm
+
+    from lsa.eval.baselines import RandomScorer, RecencyScorer
+    from lsa.eval.oracle import OracleScorer, attention_mass
+    from lsa.eval.runner import CacheSettings, run_method
+
+    local = [m for m in methods if m in LOCAL_METHODS]
+    if "lsa" in local and indexer is None:
+        raise ValueError("method 'lsa' needs an indexer")
+    n_runs = len(samples) * sum(1 if m == "dense" else len(budgets) for m in local)
+    bar = tqdm(total=n_runs, desc="eval", unit="sample", file=sys.stderr)
+    device = next(model.parameters()).device
+    records: list[dict] = []
+    dense_new: dict[tuple[str, int], list[int]] = {}
+    masses: dict[tuple[str, int], torch.Tensor] = {}  # the oracle's A per sample (CPU)
+    try:
+        for m in local:
+            for bi, budget in enumerate([None] if m == "dense" else budgets):
+                bar.set_postfix_str(m if budget is None else f"{m}@{budget:g}")
+                torch.manual_seed(seed)
+                scorer, before = None, None
+                if m == "lsa":
+                    scorer = indexer
+                elif m == "recency":
+                    scorer = RecencyScorer(chunk_size=chunk_size)
+                elif m == "random":
+                    scorer = RandomScorer(seed, chunk_size=chunk_size)
+                elif m == "oracle":
+                    scorer = OracleScorer(chunk_size=chunk_size, lookahead=refresh_every)
+
+                    def before(group, scorer=scorer, dense_new=dense_new):
+                        for s in group:
+                            key = (s.task, s.index)
+                            if key not in masses:  # once per sample, whatever the budget
+                                seq = list(s.input_ids) + dense_new[key]
+                                ids = torch.tensor([seq], dtype=torch.long, device=device)
+                                masses[key] = attention_mass(model, ids, chunk_size=chunk_size)
+                        scorer.set_rows([masses[(s.task, s.index)] for s in group])
+
+                settings = None
+                if budget is not None:
+                    settings = CacheSettings(
+                        budget=budget,
+                        chunk_size=chunk_size,
+                        refresh_every=refresh_every,
+                        sink_chunks=sink_chunks,
+                        recent_chunks=recent_chunks,
+                    )
+                recs = run_method(
+                    model,
+                    samples,
+                    method=m,
+                    decode=decode,
+                    scorer=scorer,
+                    settings=settings,
+                    batch_size=batch_size,
+                    pad_id=pad_id,
+                    before_batch=before,
+                    trace_first=bi == 0,
+                    progress=bar,
+                )
+                if m == "dense":
+                    dense_new = {(r["task"], r["sample"]): r["new_ids"] for r in recs}
+                records += recs
+    finally:
+        bar.close()
+    return records
+
+
+def write_outputs(out: Path, records: list[dict], meta: dict, *, plots: bool) -> list[Path]:
+    from lsa.eval import report
+
+    out.mkdir(parents=True, exist_ok=True)
+    title = meta.get("title", "")
+    (out / "results.json").write_text(json.dumps({**meta, "records": records}, indent=1))
+    (out / "results.md").write_text(report.markdown(records, title=title))
+    paths = [out / "results.json", out / "results.md"]
+    if plots:
+        paths += report.plots(records, out)
+    return paths
+
+
+def _run(args: argparse.Namespace) -> int:
+    methods = check_args(args)
+    t0 = time.perf_counter()
+    from lsa.indexer import load_indexer
+    from lsa.models import SMOLLM2, load_model, model_dir
+
+    if not args.no_plots and not args.prepare_only:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError("plots need matplotlib (pip install matplotlib), or pass --no-plots")
+    name = MODEL_ALIASES.get(args.model, args.model)
+    try:
+        path = model_dir(name)
+    except ValueError as err:
+        raise UsageError(f"--model: {err}") from err
+    tag = name if name in (SMOLLM2, MODEL_ALIASES["qwen"]) else Path(name).name
+    if args.prepare_only:  # the prompts need only the tokenizer
+        from transformers import AutoTokenizer
+
+        model, tokenizer = None, AutoTokenizer.from_pretrained(str(path))
+    else:
+        model, tokenizer = load_model(name, dtype=DTYPES[args.dtype])
+        model.to(args.device)
+    if tokenizer is None:
+        raise UsageError(f"--model {args.model}: {path} has no tokenizer")
+    if args.prompts is not None:
+        samples = read_prompts(args.prompts, args.tasks)
+    else:
+        samples = load_samples(args, tokenizer, path, tag)
+        write_prompts(samples, args.out / "prompts.jsonl")
+    if args.prepare_only:
+        write_prompts(samples, args.out / "prompts.jsonl.gz")  # the small copy, to carry
+        print(
+            f"{len(samples)} prompts -> {args.out / 'prompts.jsonl'} and prompts.jsonl.gz "
+            f"(model folder {path})"
+        )
+        return 0
+
+    indexer = None
+    if "lsa" in methods:
+        which = args.indexer or (SMOLLM2 if name == SMOLLM2 else None)
+        if which is None:
+            raise UsageError(f"--indexer is required for --model {args.model} (no shipped one)")
+        indexer = load_indexer(which, hidden_size=model.config.hidden_size).to(args.device)
+        if indexer.chunk_size != args.chunk_size:
+            raise UsageError(
+                f"--chunk-size {args.chunk_size} differs from the indexer's {indexer.chunk_size}"
+            )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    records = evaluate(
+        model,
+        lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+        samples,
+        methods=methods,
+        budgets=args.budget,
+        seed=args.seed,
+        indexer=indexer,
+        batch_size=args.batch_size,
+        pad_id=pad_id,
+        chunk_size=args.chunk_size,
+        refresh_every=args.refresh_every,
+        sink_chunks=args.sink_chunks,
+        recent_chunks=args.recent_chunks,
+    )
+    presses = [m for m in methods if m in KVPRESS_METHODS]
+    if presses:
+        records += read_kvpress(args.kvpress_results, samples, presses, args.budget)
+    lengths = [len(s.input_ids) for s in samples]
+    per_task = max(sum(s.task == t for s in samples) for t in {s.task for s in samples})
+    source = f"RULER {args.length}" if args.prompts is None else f"RULER from {args.prompts}"
+    meta = {
+        "title": (
+            f"{tag}, {source} ({min(lengths)}-{max(lengths)} prompt tokens), "
+            f"{per_task} samples/task, {args.dtype} on {args.device}, batch {args.batch_size}, "
+            f"chunk {args.chunk_size}, τ {args.refresh_every}, sink {args.sink_chunks} + recent "
+            f"{args.recent_chunks} inside the budget, seed {args.seed}"
+        ),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings_methods": methods,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+        },
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "wall_s": time.perf_counter() - t0,
+    }
+    meta["settings"].pop("kvpress_results", None)
+    meta["settings"]["kvpress_results"] = [str(p) for p in args.kvpress_results]
+    paths = write_outputs(args.out, records, meta, plots=not args.no_plots)
+    print((args.out / "results.md").read_text())
+    print("\n".join(str(p) for p in paths))
+    return 0
