@@ -4,7 +4,7 @@ Workflow (kvpress runs in its own environment, see :mod:`lsa.eval.kvpress_runner
 
     python -m lsa eval --model smollm2 --tasks niah_single_1 --samples 25 --out runs/s4k \\
         --prepare-only                       # RULER files + runs/s4k/prompts.jsonl
-    /work/kvpress-venv/bin/python -m lsa.eval.kvpress_runner --prompts runs/s4k/prompts.jsonl \\
+    /tmp/kvpress/bin/python -m lsa.eval.kvpress_runner --prompts runs/s4k/prompts.jsonl \\
         --model ~/.cache/lsa/smollm2-135m-instruct --budget 0.1 --out runs/s4k/kvpress.json
     python -m lsa eval --model smollm2 --tasks niah_single_1 --samples 25 --out runs/s4k \\
         --methods dense lsa recency random oracle snapkv streamingllm expected_attention \\

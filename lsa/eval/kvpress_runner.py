@@ -4,7 +4,7 @@
 environment. This module imports nothing from lsa (run it as a file or as
 ``python -m lsa.eval.kvpress_runner`` with lsa on ``PYTHONPATH``)::
 
-    /work/kvpress-venv/bin/python lsa/eval/kvpress_runner.py --prompts OUT/prompts.jsonl \\
+    /tmp/kvpress/bin/python lsa/eval/kvpress_runner.py --prompts OUT/prompts.jsonl \\
         --model ~/.cache/lsa/smollm2-135m-instruct --budget 0.1 --out OUT/kvpress.json
 
 Per prompt and press (batch 1, so no padding reaches a press): the whole prompt is prefilled with
