@@ -171,6 +171,10 @@ def test_attention_mass_rows_sum_to_one_and_are_causal():
     assert model.config._attn_implementation == "sdpa"  # restored
     small = attention_mass(model, ids, chunk_size=CS, query_block=7)  # the GPU's bigger blocks
     assert torch.allclose(small, a, atol=1e-6)
+    # the oracle's answer-only mass: the same rows from query_start on, zeros before
+    late = attention_mass(model, ids, chunk_size=CS, query_block=7, query_start=2 * CS + 3)
+    assert (late[: 2 * CS + 3] == 0).all()
+    assert torch.allclose(late[2 * CS + 3 :], a[2 * CS + 3 :], atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ from lsa.cache.mirror import HostMirror
 from lsa.cache.model import attention_modules, check_layer_types, text_config
 from lsa.cache.records import Footprint, RecallStats, RefreshRecord
 from lsa.cache.zero_copy import zero_copy_recall, zero_copy_unavailable
-from lsa.compiled.compact import visible_attention
+from lsa.compiled.compact import prefix_attention, visible_attention
 from lsa.compiled.flex import FlexPlan, flex_attend, flex_supports, reserve_block_mask, use_fold
 from lsa.indexer.scorer import ChunkScorer
 from lsa.reference.select import select_chunks
@@ -251,6 +251,7 @@ class LSACache(Cache):
         self.n_kept: list[int] = []  # per row, kept (complete) chunks: they fill slots 0..n-1
         self.tail_first: list[int] = []  # per row, first chunk of the tail (slot n_kept[b])
         self.visible: list[int] = []  # per row, tokens a decode query sees (a reserve prefix)
+        self._visible_dev: torch.Tensor | None = None
         self.mirror: HostMirror | None = None
         #: why a decode call left the compact path for reserve_attention (reason -> calls)
         self.compact_fallbacks: dict[str, int] = {}
@@ -458,6 +459,7 @@ class LSACache(Cache):
     def _begin_decode_step(self) -> None:
         """Before layer 0 of a decode step: find each row's write slot."""
         self.decode_step += 1
+        self._visible_dev = None  # the compact path's per-row lengths, built on first use
         cs = self.chunk_size
         new_rows, new_slots = [], []
         table_changed = False
@@ -567,8 +569,8 @@ class LSACache(Cache):
         scaling: float | None,
     ) -> torch.Tensor:
         """One query per row over the prefix of ``visible[b]`` reserve tokens: kept chunks and
-        tail, no mask. Rows of different lengths are separate calls: one batched call would
-        need a key-padding mask, which the flash kernel does not take."""
+        tail, no mask when every row sees the same number of tokens, a key-padding mask in one
+        call otherwise (:func:`lsa.compiled.compact.prefix_attention`)."""
         vis = self.visible
         if len(set(vis)) == 1:
             n = vis[0]
@@ -576,16 +578,11 @@ class LSACache(Cache):
                 query, k_reserve[:, :, :n], v_reserve[:, :, :n], scale=scaling
             )
         else:
-            out = torch.cat(
-                [
-                    visible_attention(
-                        query[b : b + 1],
-                        k_reserve[b : b + 1, :, :n],
-                        v_reserve[b : b + 1, :, :n],
-                        scale=scaling,
-                    )[0]
-                    for b, n in enumerate(vis)
-                ]
+            if self._visible_dev is None:  # once per step, shared by the layers
+                self._visible_dev = self._to_device(torch.tensor(vis, dtype=torch.long))
+            n = max(vis)
+            out = prefix_attention(
+                query, k_reserve[:, :, :n], v_reserve[:, :, :n], self._visible_dev, scale=scaling
             )
         return out.transpose(1, 2).contiguous()
 

@@ -50,6 +50,30 @@ def visible_attention(
     return out.reshape(b, hq, sq, -1), lse.reshape(b, hq, sq)
 
 
+def prefix_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, *, scale=None
+) -> torch.Tensor:
+    """Each row's queries over the first ``lengths[b]`` keys of its row, in one SDPA call.
+
+    Args:
+        q: [B, H_q, S_q, D]; k, v: [B, H_kv, S, D] with H_q % H_kv == 0.
+        lengths: int [B] on q's device, each in [1, S].
+
+    Returns:
+        out [B, H_q, S_q, D]. A batch whose rows see different prefixes needs a key-padding
+        mask, which the flash kernel does not take; SDPA then runs its memory-efficient kernel
+        (CUDA) or its CPU kernel with a boolean mask, instead of one call per row.
+    """
+    b, hq, sq, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    qf = q.reshape(b, hkv, (hq // hkv) * sq, d)  # GQA folded into rows, as in visible_attention
+    allowed = torch.arange(s, device=q.device)[None, :] < lengths.to(q.device)[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        qf, k, v, attn_mask=allowed[:, None, None, :], scale=scale
+    )
+    return out.reshape(b, hq, sq, -1)
+
+
 def merge_attention(
     out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

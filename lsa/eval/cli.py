@@ -28,7 +28,10 @@ import torch
 from lsa.eval.kvpress_runner import prompt_digest
 
 #: methods run here, through LSACache (all but dense) at the same settings
-LOCAL_METHODS = ("dense", "lsa", "recency", "random", "oracle")
+LOCAL_METHODS = ("dense", "lsa", "lsa_successor", "recency", "random", "oracle")
+#: methods that need the indexer (lsa_successor: its picks bring their next chunk, see
+#: lsa.indexer.successor)
+INDEXER_METHODS = ("lsa", "lsa_successor")
 #: methods read from a kvpress results file (:mod:`lsa.eval.kvpress_runner`)
 KVPRESS_METHODS = ("snapkv", "streamingllm", "expected_attention")
 MODEL_ALIASES = {"qwen": "qwen2.5-coder-0.5b"}
@@ -284,17 +287,22 @@ def evaluate(
     refresh_every: int = 64,
     sink_chunks: int = 1,
     recent_chunks: int = 2,
+    checkpoint=None,
 ) -> list[dict]:
-    """Run the local methods (dense first) on ``samples``; returns every record."""
+    """Run the local methods (dense first) on ``samples``; returns every record.
+
+    ``checkpoint(records)`` is called after each method and budget with every record so far (a
+    run stopped by a time limit keeps what it finished)."""
     from tqdm.auto import tqdm
 
     from lsa.eval.baselines import RandomScorer, RecencyScorer
     from lsa.eval.oracle import OracleScorer, attention_mass
     from lsa.eval.runner import CacheSettings, run_method
+    from lsa.indexer.successor import SuccessorScorer
 
     local = [m for m in methods if m in LOCAL_METHODS]
-    if "lsa" in local and indexer is None:
-        raise ValueError("method 'lsa' needs an indexer")
+    if set(local) & set(INDEXER_METHODS) and indexer is None:
+        raise ValueError(f"methods {INDEXER_METHODS} need an indexer")
     n_runs = len(samples) * sum(1 if m == "dense" else len(budgets) for m in local)
     bar = tqdm(total=n_runs, desc="eval", unit="sample", file=sys.stderr)
     device = next(model.parameters()).device
@@ -302,54 +310,63 @@ def evaluate(
     dense_new: dict[tuple[str, int], list[int]] = {}
     masses: dict[tuple[str, int], torch.Tensor] = {}  # the oracle's A per sample (CPU)
     try:
-        for m in local:
-            for bi, budget in enumerate([None] if m == "dense" else budgets):
-                bar.set_postfix_str(m if budget is None else f"{m}@{budget:g}")
-                torch.manual_seed(seed)
-                scorer, before = None, None
-                if m == "lsa":
-                    scorer = indexer
-                elif m == "recency":
-                    scorer = RecencyScorer(chunk_size=chunk_size)
-                elif m == "random":
-                    scorer = RandomScorer(seed, chunk_size=chunk_size)
-                elif m == "oracle":
-                    scorer = OracleScorer(chunk_size=chunk_size, lookahead=refresh_every)
+        # dense first, then every method at the first budget, then at the next: a run stopped by
+        # a time limit has complete comparisons at the budgets it finished
+        runs = [("dense", None)] if "dense" in local else []
+        runs += [(m, b) for b in budgets for m in local if m != "dense"]
+        for m, budget in runs:
+            bar.set_postfix_str(m if budget is None else f"{m}@{budget:g}")
+            torch.manual_seed(seed)
+            scorer, before = None, None
+            if m == "lsa":
+                scorer = indexer
+            elif m == "lsa_successor":
+                scorer = SuccessorScorer(indexer)
+            elif m == "recency":
+                scorer = RecencyScorer(chunk_size=chunk_size)
+            elif m == "random":
+                scorer = RandomScorer(seed, chunk_size=chunk_size)
+            elif m == "oracle":
+                scorer = OracleScorer(chunk_size=chunk_size, lookahead=refresh_every)
 
-                    def before(group, scorer=scorer, dense_new=dense_new):
-                        for s in group:
-                            key = (s.task, s.index)
-                            if key not in masses:  # once per sample, whatever the budget
-                                seq = list(s.input_ids) + dense_new[key]
-                                ids = torch.tensor([seq], dtype=torch.long, device=device)
-                                masses[key] = attention_mass(model, ids, chunk_size=chunk_size)
-                        scorer.set_rows([masses[(s.task, s.index)] for s in group])
+                def before(group, scorer=scorer, dense_new=dense_new):
+                    for s in group:
+                        key = (s.task, s.index)
+                        if key not in masses:  # once per sample, whatever the budget
+                            seq = list(s.input_ids) + dense_new[key]
+                            ids = torch.tensor([seq], dtype=torch.long, device=device)
+                            masses[key] = attention_mass(
+                                model, ids, chunk_size=chunk_size, query_start=len(s.input_ids)
+                            )
+                    scorer.set_rows([masses[(s.task, s.index)] for s in group])
 
-                settings = None
-                if budget is not None:
-                    settings = CacheSettings(
-                        budget=budget,
-                        chunk_size=chunk_size,
-                        refresh_every=refresh_every,
-                        sink_chunks=sink_chunks,
-                        recent_chunks=recent_chunks,
-                    )
-                recs = run_method(
-                    model,
-                    samples,
-                    method=m,
-                    decode=decode,
-                    scorer=scorer,
-                    settings=settings,
-                    batch_size=batch_size,
-                    pad_id=pad_id,
-                    before_batch=before,
-                    trace_first=bi == 0,
-                    progress=bar,
+            settings = None
+            if budget is not None:
+                settings = CacheSettings(
+                    budget=budget,
+                    chunk_size=chunk_size,
+                    refresh_every=refresh_every,
+                    sink_chunks=sink_chunks,
+                    recent_chunks=recent_chunks,
                 )
-                if m == "dense":
-                    dense_new = {(r["task"], r["sample"]): r["new_ids"] for r in recs}
-                records += recs
+            recs = run_method(
+                model,
+                samples,
+                method=m,
+                decode=decode,
+                scorer=scorer,
+                settings=settings,
+                batch_size=batch_size,
+                pad_id=pad_id,
+                before_batch=before,
+                trace_first=budget in (None, budgets[0]),
+                progress=bar,
+            )
+            if m == "dense":
+                dense_new = {(r["task"], r["sample"]): r["new_ids"] for r in recs}
+            records += recs
+            if checkpoint is not None:
+                checkpoint(records)
     finally:
         bar.close()
     return records
@@ -366,6 +383,31 @@ def write_outputs(out: Path, records: list[dict], meta: dict, *, plots: bool) ->
     if plots:
         paths += report.plots(records, out)
     return paths
+
+
+def run_meta(args: argparse.Namespace, tag: str, samples, methods: list[str]) -> dict:
+    """Title, settings and versions recorded with the results."""
+    lengths = [len(s.input_ids) for s in samples]
+    per_task = max(sum(s.task == t for s in samples) for t in {s.task for s in samples})
+    source = f"RULER {args.length}" if args.prompts is None else f"RULER from {args.prompts}"
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings["kvpress_results"] = [str(p) for p in args.kvpress_results]
+    return {
+        "title": (
+            f"{tag}, {source} ({min(lengths)}-{max(lengths)} prompt "
+            f"tokens), {per_task} samples/task, {args.dtype} on {args.device}, batch "
+            f"{args.batch_size}, chunk {args.chunk_size}, τ {args.refresh_every}, sink "
+            f"{args.sink_chunks} + recent {args.recent_chunks} inside the budget, seed {args.seed}"
+        ),
+        "settings": settings,
+        "settings_methods": methods,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+        },
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "wall_s": 0.0,
+    }
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -385,7 +427,8 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UsageError(f"--model: {err}") from err
     tag = name if name in (SMOLLM2, MODEL_ALIASES["qwen"]) else Path(name).name
-    if args.prepare_only:  # the prompts need only the tokenizer
+    local = [m for m in methods if m in LOCAL_METHODS]
+    if args.prepare_only or not local:  # prompts and kvpress records need only the tokenizer
         from transformers import AutoTokenizer
 
         model, tokenizer = None, AutoTokenizer.from_pretrained(str(path))
@@ -408,7 +451,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     indexer = None
-    if "lsa" in methods:
+    if set(methods) & set(INDEXER_METHODS):
         which = args.indexer or (SMOLLM2 if name == SMOLLM2 else None)
         if which is None:
             raise UsageError(f"--indexer is required for --model {args.model} (no shipped one)")
@@ -418,45 +461,38 @@ def _run(args: argparse.Namespace) -> int:
                 f"--chunk-size {args.chunk_size} differs from the indexer's {indexer.chunk_size}"
             )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    records = evaluate(
-        model,
-        lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-        samples,
-        methods=methods,
-        budgets=args.budget,
-        seed=args.seed,
-        indexer=indexer,
-        batch_size=args.batch_size,
-        pad_id=pad_id,
-        chunk_size=args.chunk_size,
-        refresh_every=args.refresh_every,
-        sink_chunks=args.sink_chunks,
-        recent_chunks=args.recent_chunks,
-    )
+    meta = run_meta(args, tag, samples, methods)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def checkpoint(records: list[dict]) -> None:
+        # results.json only, marked partial; the table and plots come with the complete run
+        meta["wall_s"] = time.perf_counter() - t0
+        (args.out / "results.json").write_text(
+            json.dumps({**meta, "partial": True, "records": records}, indent=1)
+        )
+
+    records = []
+    if local:
+        records = evaluate(
+            model,
+            lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+            samples,
+            methods=methods,
+            budgets=args.budget,
+            seed=args.seed,
+            indexer=indexer,
+            batch_size=args.batch_size,
+            pad_id=pad_id,
+            chunk_size=args.chunk_size,
+            refresh_every=args.refresh_every,
+            sink_chunks=args.sink_chunks,
+            recent_chunks=args.recent_chunks,
+            checkpoint=checkpoint,
+        )
     presses = [m for m in methods if m in KVPRESS_METHODS]
     if presses:
         records += read_kvpress(args.kvpress_results, samples, presses, args.budget)
-    lengths = [len(s.input_ids) for s in samples]
-    per_task = max(sum(s.task == t for s in samples) for t in {s.task for s in samples})
-    source = f"RULER {args.length}" if args.prompts is None else f"RULER from {args.prompts}"
-    meta = {
-        "title": (
-            f"{tag}, {source} ({min(lengths)}-{max(lengths)} prompt tokens), "
-            f"{per_task} samples/task, {args.dtype} on {args.device}, batch {args.batch_size}, "
-            f"chunk {args.chunk_size}, τ {args.refresh_every}, sink {args.sink_chunks} + recent "
-            f"{args.recent_chunks} inside the budget, seed {args.seed}"
-        ),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "settings_methods": methods,
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__,
-        },
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "wall_s": time.perf_counter() - t0,
-    }
-    meta["settings"].pop("kvpress_results", None)
-    meta["settings"]["kvpress_results"] = [str(p) for p in args.kvpress_results]
+    meta["wall_s"] = time.perf_counter() - t0
     paths = write_outputs(args.out, records, meta, plots=not args.no_plots)
     print((args.out / "results.md").read_text())
     print("\n".join(str(p) for p in paths))

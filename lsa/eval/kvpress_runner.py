@@ -124,6 +124,27 @@ def run(args: argparse.Namespace) -> int:
     total = len(rows) * len(args.presses) * len(args.budget)
     done = 0
     start = time.perf_counter()
+
+    def write(*, complete: bool) -> None:
+        # after every press and budget too, so a run stopped by a time limit keeps its records
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "versions": {
+                        "torch": torch.__version__,
+                        "transformers": transformers.__version__,
+                        "kvpress": getattr(kvpress, "__version__", "0.5.5"),
+                    },
+                    "model": str(args.model),
+                    "complete": complete,
+                    "wall_s": time.perf_counter() - start,
+                    "records": records,
+                },
+                indent=1,
+            )
+        )
+
     for method in args.presses:
         for budget in args.budget:
             press = make_press(method, budget)
@@ -163,22 +184,8 @@ def run(args: argparse.Namespace) -> int:
                     f"{records[-1]['prediction'][:60]!r}",
                     file=sys.stderr,
                 )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps(
-            {
-                "versions": {
-                    "torch": torch.__version__,
-                    "transformers": transformers.__version__,
-                    "kvpress": getattr(kvpress, "__version__", "0.5.5"),
-                },
-                "model": str(args.model),
-                "wall_s": time.perf_counter() - start,
-                "records": records,
-            },
-            indent=1,
-        )
-    )
+            write(complete=False)
+    write(complete=True)
     print(f"{len(records)} records -> {args.out}")
     return 0
 

@@ -27,16 +27,24 @@ from lsa.indexer.labels import LabelConfig, teacher_forced_pass
 
 
 def attention_mass(
-    model, input_ids: torch.Tensor, *, chunk_size: int, query_block: int | None = None
+    model,
+    input_ids: torch.Tensor,
+    *,
+    chunk_size: int,
+    query_block: int | None = None,
+    query_start: int = 0,
 ) -> torch.Tensor:
-    """``A`` [S, n_chunks] float32 on the CPU (rows sum to 1) for one sequence ``[1, S]``.
+    """``A`` [S, n_chunks] float32 on the CPU for one sequence ``[1, S]``: rows from
+    ``query_start`` on sum to 1, earlier rows are zero (not computed).
 
     ``query_block``: queries per attention block (memory ``~ 4 · H_q · block · S`` bytes); the
     default is 256 on the CPU and 2048 on CUDA, where per-call overhead dominates.
+    ``query_start``: the first query whose mass is needed (the oracle reads only the answer's
+    queries, so it passes the prompt length: the mass over a 16K prompt is then ~100× cheaper).
     """
     if query_block is None:
         query_block = 2048 if input_ids.device.type == "cuda" else 256
-    config = LabelConfig(chunk_size=chunk_size, query_block=query_block)
+    config = LabelConfig(chunk_size=chunk_size, query_block=query_block, query_start=query_start)
     rec = teacher_forced_pass(model, input_ids, (0,), config)
     return (rec.mass / rec.n_terms).float().cpu()
 

@@ -242,7 +242,10 @@ def _main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if len(a.results) > 1 and a.out is None:
         p.error("merging several results files needs --out (a folder of its own)")
-    records, title = merge([json.loads(path.read_text()) for path in a.results])
+    datas = [json.loads(path.read_text()) for path in a.results]
+    records, title = merge(datas)
+    if any(d.get("partial") for d in datas):  # a run stopped by a time limit (cli checkpoints)
+        title += " [partial: a run stopped before all its methods and budgets finished]"
     out = a.out or a.results[0].parent
     if len(a.results) > 1 and any(out.resolve() == r.parent.resolve() for r in a.results):
         p.error("--out must differ from the folders of the merged files (it gets results.json)")

@@ -44,13 +44,15 @@ class LabelConfig:
     reactive_window: int = 64
     #: queries per block when computing attention mass.
     query_block: int = 256
+    #: queries before it get no mass (zero rows): the oracle needs only the answer's queries.
+    query_start: int = 0
 
     def __post_init__(self):
         for name in ("chunk_size", "lookahead", "reactive_window", "query_block"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("sink_chunks", "recent_chunks"):
+        for name in ("sink_chunks", "recent_chunks", "query_start"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
@@ -64,13 +66,19 @@ class LabelConfig:
 
 
 def chunk_attention_mass(
-    query: torch.Tensor, key: torch.Tensor, scaling: float, chunk_size: int, query_block: int = 256
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    chunk_size: int,
+    query_block: int = 256,
+    query_start: int = 0,
 ) -> torch.Tensor:
     """Causal attention mass per query and chunk, summed over query heads.
 
     Args:
         query: [H_q, S, D] post-RoPE queries of one sequence; key: [H_kv, S, D], H_q % H_kv == 0.
         scaling: the logit scale the layer uses.
+        query_start: rows of the queries before it stay zero (not computed).
 
     Returns:
         float32 [S, ceil(S / chunk_size)]: ``Σ_h Σ_{s ∈ chunk j, s ≤ u} softmax_s(q_u·k_s)``.
@@ -84,7 +92,7 @@ def chunk_attention_mass(
     out = torch.zeros(s, n_chunks, dtype=torch.float32, device=query.device)
     q = query.float().view(h_kv, g, s, d)  # [H_kv, g, S, D]
     k = key.float()
-    for start in range(0, s, query_block):
+    for start in range(min(query_start, s), s, query_block):
         stop = min(s, start + query_block)
         kv_len = stop  # causal: this block sees keys [0, stop)
         logits = torch.einsum("hgbd,hsd->hgbs", q[:, :, start:stop], k[:, :kv_len]) * scaling
@@ -137,7 +145,9 @@ class AttentionRecorder:
             self.keys[layer] = key[0].detach().float().clone()
         if layer in self.label_layers:
             cfg = self.config
-            m = chunk_attention_mass(query[0], key[0], scaling, cfg.chunk_size, cfg.query_block)
+            m = chunk_attention_mass(
+                query[0], key[0], scaling, cfg.chunk_size, cfg.query_block, cfg.query_start
+            )
             self.mass = m if self.mass is None else self.mass + m
             self.n_terms += query.shape[1]
 
