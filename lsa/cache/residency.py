@@ -1,0 +1,272 @@
+"""Which chunks live on the device, and how they get there: the refresh and recall half of
+:class:`lsa.cache.LSACache` (a mixin: it reads and writes the cache's own state).
+
+A refresh scores each row's completed chunks, keeps the top ones (:func:`lsa.select_chunks`,
+one resident set shared by all layers), moves chunks on the device so that kept chunks and the
+tail stay a compact prefix of the reserve, recalls only the newly resident chunks from the host
+mirror (``"copies"``: one host -> device copy per run of consecutive chunks, all layers at once,
+then a device scatter; ``"zero_copy"``: one Triton kernel reading the pinned mirror), grows the
+reserve when a row needs more slots, and pushes the block table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from lsa.cache.records import RefreshRecord
+from lsa.cache.zero_copy import zero_copy_recall
+from lsa.reference.select import select_chunks
+
+
+class Residency:
+    """Refresh, placement and recall for :class:`lsa.cache.LSACache` (see the module docstring)."""
+
+    def _refresh(self) -> None:
+        cs = self.chunk_size
+        n_done = [n // cs for n in self.kv_len_host]
+        n_max = max(n_done, default=0)
+        logits_cpu = None
+        if n_max > 0:
+            missing = [i for i in self.target_layers if i not in self.hidden]
+            if missing:
+                raise RuntimeError(
+                    f"no hidden state was captured at the scorer's target layers {missing}: the "
+                    "model did not pass this cache to its attention modules as cache="
+                )
+            position = torch.tensor(
+                [max(n - 1, 0) for n in self.kv_len_host], dtype=torch.long, device=self.device
+            )
+            keys = {i: self.chunk_keys[i][:, :n_max] for i in self.target_layers}
+            hidden = {i: self.hidden[i] for i in self.target_layers}
+            with torch.no_grad():
+                logits = self.scorer.score(hidden, position, keys)
+            if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (self.batch, n_max):
+                got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
+                raise ValueError(
+                    f"scorer.score must return logits [B={self.batch}, n_chunks={n_max}], got {got}"
+                )
+            logits_cpu = logits.detach().float().cpu()
+        keeps, row_logits, wants = [], [], []
+        for b in range(self.batch):
+            n = n_done[b]
+            if n > 0:
+                row = logits_cpu[b, :n]
+                if not bool(torch.isfinite(row).all()):
+                    raise ValueError(
+                        f"scorer.score returned non-finite logits for row {b} at decode step "
+                        f"{self.decode_step}"
+                    )
+                keep = select_chunks(
+                    row[None, None],
+                    budget=self.budget,
+                    threshold=self.threshold,
+                    sink_chunks=self.sink_chunks,
+                    recent_chunks=self.recent_chunks,
+                )[0, 0]
+            else:
+                row, keep = None, torch.zeros(0, dtype=torch.bool)
+            kept = sorted(keep.nonzero().flatten().tolist())
+            partial = n if self.kv_len_host[b] % cs else None  # the tail: always resident
+            keeps.append(keep)
+            row_logits.append(row)
+            wants.append((kept, partial))
+        # make room: kept chunks, the partial chunk, and the chunks the next τ tokens begin (at
+        # most ceil(τ / cs) beyond the partial one), so decode steps never reallocate
+        tail_room = math.ceil(self.refresh_every / cs)
+        need = max(len(k) + (p is not None) for k, p in wants) + tail_room
+        if need > self.n_slots:
+            self._grow(max(need, math.ceil(self.n_slots * 1.25)), "refresh")
+        plan: list[list[tuple[int, int]]] = []
+        moves: list[tuple[int, int, int]] = []  # (row, from slot, to slot), on the device
+        for b, (kept, partial) in enumerate(wants):
+            slots, row_moves, recalls = self._place(self.slot_of[b], kept, partial)
+            self.slot_of[b] = slots
+            self.bt_host[b] = -1
+            for c, slot in slots.items():
+                self.bt_host[b, slot] = c
+            moves += [(b, src, dst) for src, dst in row_moves]
+            plan.append(recalls)
+            self.n_kept[b] = len(kept)
+            self.tail_first[b] = n_done[b]
+            self.visible[b] = (len(kept) - n_done[b]) * cs + self.kv_len_host[b]
+        self._move(moves)
+        moved = self._recall(plan)
+        self._push_block_table()
+        self.refreshes.append(
+            RefreshRecord(
+                step=self.decode_step + 1,
+                kv_len=list(self.kv_len_host),
+                logits=row_logits,
+                keep=keeps,
+                resident=[sorted(s) for s in self.slot_of],
+                recalled=[len(p) for p in plan],
+                recalled_bytes=moved,
+            )
+        )
+
+    @staticmethod
+    def _place(
+        old: dict[int, int], kept: list[int], partial: int | None
+    ) -> tuple[dict[int, int], list[tuple[int, int]], list[tuple[int, int]]]:
+        """One row's new slots, compacted: kept chunks in slots 0..len(kept)-1 (a chunk already
+        there stays), the partial chunk in slot len(kept). Returns (chunk -> slot, device moves
+        [(from, to)] of chunks already resident elsewhere, recalls [(chunk, slot)] from the
+        mirror, sorted by chunk). Everything else is evicted."""
+        r = len(kept)
+        slots = {c: old[c] for c in kept if c in old and old[c] < r}
+        taken = set(slots.values())
+        holes = iter(s for s in range(r) if s not in taken)
+        moves, recalls = [], []
+        todo = [(c, next(holes)) for c in kept if c not in slots]
+        if partial is not None:
+            todo.append((partial, r))
+        for c, slot in todo:
+            slots[c] = slot
+            if c not in old:
+                recalls.append((c, slot))
+            elif old[c] != slot:
+                moves.append((old[c], slot))
+        return slots, moves, sorted(recalls)
+
+    def _move(self, moves: list[tuple[int, int, int]]) -> None:
+        """Device-side slot moves (row, from, to) in every layer: all sources are read before
+        any destination is written, so moves may overlap (a source may be another's target)."""
+        if not moves:
+            return
+        for layer in self.layers:
+            if layer.ready is not None:  # a recall still writing this layer's slots
+                torch.cuda.current_stream(self.device).wait_event(layer.ready)
+                layer.ready = None
+        self.recall_stats.slot_moves += len(moves)
+        idx = self._to_device(torch.tensor(moves, dtype=torch.long).T.contiguous())
+        rows, src, dst = idx[0], idx[1], idx[2]
+        for layer in self.layers:
+            for buf in (layer.reserve_k, layer.reserve_v):
+                buf[rows, :, dst] = buf[rows, :, src]  # the gather is a copy, then the scatter
+
+    def _recall(self, plan: list[list[tuple[int, int]]]) -> int:
+        """Copy newly resident chunks mirror -> reserve, every layer; returns bytes moved.
+
+        ``recall="copies"``: per run of consecutive chunks of a row, one host -> device copy of
+        all layers' K and V into a device staging buffer [n, L, 2, H, cs, D], then per layer one
+        scatter of K and one of V into the reserve slots. ``recall="zero_copy"``: one kernel
+        reads the pinned mirror and writes the slots. On CUDA all of it runs on the side stream
+        after the work already queued on the current stream (which may still read the slots
+        being refilled); each layer records an event its next reserve write waits on. The
+        staging buffer and the
+        slot index are allocated and used on the side stream only, so freeing them needs no
+        cross-stream care; the reserve outlives the copies (``_grow`` and ``reset`` wait).
+        """
+        n_total = sum(len(p) for p in plan)
+        if n_total == 0:
+            return 0
+        mirror = self.mirror
+        stream = self._stream
+        timing = None
+        if stream is not None:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+            stream.wait_event(ready)
+            timing = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            timing[0].record(stream)
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        with ctx:
+            if self.recall == "zero_copy":
+                self._recall_zero_copy(plan)
+            else:
+                self._recall_copies(plan, n_total)
+            if stream is not None:
+                for layer in self.layers:
+                    layer.ready = torch.cuda.Event()
+                    layer.ready.record(stream)
+        moved = n_total * mirror.chunk_nbytes
+        if timing is not None:
+            timing[1].record(stream)
+            self.recall_stats.events.append((timing[0], timing[1], moved))
+        self.recall_stats.chunks += n_total * self.num_layers
+        self.recall_stats.bytes += moved
+        return moved
+
+    def _recall_copies(self, plan: list[list[tuple[int, int]]], n_total: int) -> None:
+        """Per run of chunks one host -> device copy of all layers into a staging buffer (on
+        the side stream: it is freed there), then per layer one scatter of K and one of V."""
+        mirror = self.mirror
+        staging = torch.empty(
+            (n_total, *mirror.segments[0].shape[2:]), dtype=mirror.dtype, device=self.device
+        )
+        j = 0
+        for b, pairs in enumerate(plan):
+            for first, count in _runs([c for c, _ in pairs]):
+                for off, view in mirror.runs(b, first, count):
+                    staging[j + off : j + off + view.shape[0]].copy_(view, non_blocking=self.pin)
+                    self.recall_stats.copies += 1
+                j += count
+        index = [(b, slot) for b, pairs in enumerate(plan) for _, slot in pairs]
+        idx = self._to_device(torch.tensor(index, dtype=torch.long).T.contiguous())
+        rows, slots = idx[0], idx[1]
+        for i, layer in enumerate(self.layers):
+            layer.reserve_k[rows, :, slots] = staging[:, i, 0]
+            layer.reserve_v[rows, :, slots] = staging[:, i, 1]
+
+    def _recall_zero_copy(self, plan: list[list[tuple[int, int]]]) -> None:
+        items = torch.tensor(
+            [(b, c, slot) for b, pairs in enumerate(plan) for c, slot in pairs], dtype=torch.long
+        ).T.contiguous()
+        zero_copy_recall(
+            self.mirror.chunk_addresses(items[0], items[1]),
+            [(layer.reserve_k, layer.reserve_v) for layer in self.layers],
+            items[0],
+            items[2],
+            self._to_device,
+        )
+        self.recall_stats.copies += 1  # one kernel launch
+
+    def _grow(self, n_slots: int, where: str) -> None:
+        """Enlarge every layer's reserve to ``n_slots`` slots (rare: budgets grow with length)."""
+        old = self.n_slots
+        self._plan = None
+        self.grows.append((self.decode_step, n_slots, where))
+        if self._stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        for layer in self.layers:
+            for name in ("reserve_k", "reserve_v"):
+                grown = torch.zeros(
+                    (self.batch, layer.heads_kv, n_slots, self.chunk_size, layer.head_dim),
+                    dtype=layer.dtype,
+                    device=self.device,
+                )
+                current = getattr(layer, name)
+                if current is not None:
+                    grown[:, :, :old] = current
+                setattr(layer, name, grown)
+        table = torch.full((self.batch, n_slots), -1, dtype=torch.int32)
+        if self.bt_host is not None:
+            table[:, :old] = self.bt_host
+        self.bt_host = table
+        if self._tail_slot is None:
+            self._tail_slot = torch.zeros(self.batch, dtype=torch.long, device=self.device)
+        self.n_slots = n_slots
+
+    def _push_block_table(self) -> None:
+        self.block_table = self._to_device(self.bt_host.clone()).view(self.batch, 1, self.n_slots)
+        self._plan = None  # a flex plan reads the table it was built from
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A fresh host tensor to the device (pinned, async on CUDA; the source is not reused)."""
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+
+def _runs(chunks: list[int]) -> list[tuple[int, int]]:
+    """Sorted chunk ids -> (first, count) runs of consecutive ids."""
+    runs: list[tuple[int, int]] = []
+    for c in chunks:
+        if runs and runs[-1][0] + runs[-1][1] == c:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((c, 1))
+    return runs
