@@ -607,3 +607,52 @@ def test_cuda_default_path_is_compact_and_exact(dtype):
         ref_seq, _ = dense_generate(model, ids, mask, 30)
         seq, _ = generate(model, ids, mask, make_cache(model, budget=1.0), 30)
         assert torch.equal(seq, ref_seq)
+
+
+def test_load_prefill_continues_exactly_like_a_prefill_through_the_cache():
+    """A dense prefill run elsewhere (lsa.eval.prefill) and handed over with load_prefill gives
+    the same refreshes (logits, keep masks, resident sets) and the same tokens and logits as the
+    cache's own prefill (ragged batch, evictions)."""
+    from lsa.eval.prefill import prefill_batch
+
+    model = lsa_model()
+    ids, mask = prompt([90, 61, 77])
+    own = make_cache(model, budget=0.3, refresh_every=5)
+    seq, logits = generate(model, ids, mask, own, 12)
+
+    pre = prefill_batch(model, ids, mask, pad_id=0)
+    assert model.config._attn_implementation == "lsa"  # restored
+    assert torch.equal(pre.first, seq[:, ids.shape[1]])
+    handed = make_cache(model, budget=0.3, refresh_every=5)
+    handed.load_prefill(pre.keys_values(), pre.mask, pre.hidden)
+    ids2, mask2 = pre.continued_inputs()
+    seq2, logits2 = generate(model, ids2, mask2, handed, 11)
+    assert torch.equal(seq2, seq)
+    torch.testing.assert_close(logits2, logits[:, 1:], atol=1e-5, rtol=1e-5)
+    assert len(handed.refreshes) == len(own.refreshes) > 2
+    for a, b in zip(own.refreshes, handed.refreshes, strict=True):
+        assert (a.step, a.kv_len, a.resident) == (b.step, b.kv_len, b.resident)
+        for la, lb in zip(a.logits, b.logits, strict=True):
+            torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
+    assert any(
+        len(r) < n // 16
+        for r, n in zip(own.refreshes[-1].resident, own.refreshes[-1].kv_len, strict=True)
+    )
+
+
+def test_load_prefill_refuses_what_does_not_fit():
+    from lsa.eval.prefill import prefill_batch
+
+    model = lsa_model()
+    ids, mask = prompt([40, 33])
+    pre = prefill_batch(model, ids, mask, pad_id=0)
+    cache = make_cache(model, budget=0.3)
+    with pytest.raises(ValueError, match="layers"):
+        cache.load_prefill(pre.keys_values()[:1], pre.mask, pre.hidden)
+    with pytest.raises(ValueError, match="target layers"):
+        cache.load_prefill(pre.keys_values(), pre.mask, {})
+    with pytest.raises(ValueError, match=r"attention_mask must be \[B, S\]"):
+        cache.load_prefill(pre.keys_values(), pre.mask[:, 1:], pre.hidden)
+    cache.load_prefill(pre.keys_values(), pre.mask, pre.hidden)
+    with pytest.raises(ValueError, match=r"reset\(\)"):  # one request at a time
+        cache.load_prefill(pre.keys_values(), pre.mask, pre.hidden)

@@ -427,3 +427,25 @@ def test_cache_kwarg_follows_the_transformers_version():
     import inspect
 
     assert cache_kwarg(tiny_llama()) in inspect.signature(tiny_llama().forward).parameters
+
+
+def test_shared_prefill_gives_the_records_of_separate_prefills():
+    """One prefill per batch, continued by every method, is exact: the same answers, scores and
+    resident sets as each method prefilling on its own (ragged batch, GQA, all local methods)."""
+    model = tiny_llama()
+    samples = tiny_samples()
+    kwargs = dict(
+        methods=["dense", "lsa", "lsa_successor", "recency", "random", "oracle"],
+        budgets=[0.3],
+        seed=11,
+        indexer=tiny_indexer(model),
+        batch_size=3,
+        chunk_size=CS,
+        refresh_every=TAU,
+        recent_chunks=1,
+    )
+    shared = cli.evaluate(model, decode, samples, **kwargs)
+    alone = cli.evaluate(model, decode, samples, share_prefill=False, **kwargs)
+    key = lambda r: (r["method"], r["task"], r["sample"])  # noqa: E731
+    assert len(shared) == len(alone) == 6 * len(samples)
+    assert sorted(strip_timing(shared), key=key) == sorted(strip_timing(alone), key=key)

@@ -270,6 +270,7 @@ class LSACache(Residency, Cache):
         # FlexAttention plan over the reserve, shared by all layers: it reads kv_len (grown in
         # place) when it runs, so it is rebuilt only when the block table changes.
         self._plan: FlexPlan | None = None
+        self._continues = False
         self.__dict__["_user_defined"] = False
 
     def reset(self) -> None:
@@ -295,8 +296,9 @@ class LSACache(Residency, Cache):
 
     @_is_user_defined.setter
     def _is_user_defined(self, value: bool) -> None:
-        if value and (self.phase != "empty" or self._ingested):
+        if value and (self.phase != "empty" or self._ingested) and not self._continues:
             raise ValueError(self._reuse_message())
+        self._continues = False  # load_prefill() allows exactly one generate() to continue
         self.__dict__["_user_defined"] = value
 
     def _reuse_message(self) -> str:
@@ -418,6 +420,51 @@ class LSACache(Residency, Cache):
             self.decode_step = 0
             self._next_layer = 0
             self._refresh()  # for decode step 1, overlapping the rest of the prefill forward
+
+    def load_prefill(
+        self,
+        keys_values: list[tuple[torch.Tensor, torch.Tensor]],
+        attention_mask: torch.Tensor | None,
+        hidden: dict[int, torch.Tensor],
+    ) -> None:
+        """Take a prompt whose dense prefill ran elsewhere, as if it had run through this cache.
+
+        The prefill is dense and exact in either case, so one prefill can serve several caches
+        (the evaluation shares it between methods). Afterwards, one ``generate()`` call may
+        continue the request: pass it the prompt plus the first answer token (taken from the
+        prefill's logits) and the attention mask grown by one column.
+
+        Args:
+            keys_values: per decoder layer, the prompt's post-RoPE K and V [B, H_kv, S, D] (e.g.
+                a ``DynamicCache``'s layers after ``model(prompt, past_key_values=...)``).
+            attention_mask: [B, S] (1 = token, left padding only) or None.
+            hidden: the attention input of the prompt's last token [B, hidden_size] for at least
+                the scorer's target layers (forward pre-hooks on the attention modules).
+        """
+        if self.phase != "empty" or self._ingested:
+            raise ValueError(self._reuse_message())
+        if len(keys_values) != self.num_layers:
+            raise ValueError(
+                f"keys_values has {len(keys_values)} layers, the model has {self.num_layers}"
+            )
+        missing = [i for i in self.target_layers if i not in hidden]
+        if missing:
+            raise ValueError(f"hidden lacks the scorer's target layers {missing}")
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape != keys_values[0][0].shape[::2]:
+                raise ValueError(
+                    f"attention_mask must be [B, S] = {tuple(keys_values[0][0].shape[::2])}, got "
+                    f"{tuple(attention_mask.shape)}"
+                )
+            mask = attention_mask.bool()[:, None, None, :]  # the last query row of a 4-D mask
+        self.hidden = {i: hidden[i] for i in self.target_layers}
+        for i, (key, value) in enumerate(keys_values):
+            layer = self.layers[i]
+            if not layer.is_initialized:
+                layer.lazy_initialization(key, value)
+            self.ingest_prefill(layer, key, value, mask)  # the last one issues the refresh
+        self._continues = True
 
     def _start_request(self, key: torch.Tensor, mask: torch.Tensor | None) -> None:
         b_size, _, s, _ = key.shape

@@ -19,7 +19,7 @@ def cache_kwarg(model: torch.nn.Module) -> str:
 
 def text_config(model_or_config):
     config = getattr(model_or_config, "config", model_or_config)
-    return config.gettext_config(decoder=True) if hasattr(config, "gettext_config") else config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
 def attention_modules(model: torch.nn.Module, n_layers: int) -> dict[int, torch.nn.Module]:

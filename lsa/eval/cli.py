@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -79,6 +80,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--recent-chunks", type=int, default=2, help="last chunks always kept (inside the budget)")
     a("--max-new-tokens", type=int, default=0, help="cap on RULER's tokens_to_generate (0 = none)")
     a("--kvpress-results", type=Path, nargs="+", default=[], help="kvpress_runner outputs to merge")
+    a(
+        "--separate-prefills",
+        action="store_true",
+        help="every method prefills on its own (default: one exact prefill per batch, shared)",
+    )
     a("--prepare-only", action="store_true", help="write RULER files and prompts.jsonl, then stop")
     a("--no-plots", action="store_true", help="skip the plots (no matplotlib needed)")
 
@@ -288,16 +294,21 @@ def evaluate(
     sink_chunks: int = 1,
     recent_chunks: int = 2,
     checkpoint=None,
+    share_prefill: bool = True,
 ) -> list[dict]:
     """Run the local methods (dense first) on ``samples``; returns every record.
 
-    ``checkpoint(records)`` is called after each method and budget with every record so far (a
-    run stopped by a time limit keeps what it finished)."""
+    Batch by batch: the batch's dense prefill runs once and every method continues from it
+    (:mod:`lsa.eval.prefill`; exact, since every method prefills densely), unless
+    ``share_prefill`` is False. ``checkpoint(records)`` is called after each batch with every
+    record so far (a run stopped by a time limit keeps whole comparisons for the batches it
+    finished)."""
     from tqdm.auto import tqdm
 
     from lsa.eval.baselines import RandomScorer, RecencyScorer
     from lsa.eval.oracle import OracleScorer, attention_mass
-    from lsa.eval.runner import CacheSettings, run_method
+    from lsa.eval.prefill import prefill_batch
+    from lsa.eval.runner import CacheSettings, batches, left_pad, run_method
     from lsa.indexer.successor import SuccessorScorer
 
     local = [m for m in methods if m in LOCAL_METHODS]
@@ -309,62 +320,71 @@ def evaluate(
     records: list[dict] = []
     dense_new: dict[tuple[str, int], list[int]] = {}
     masses: dict[tuple[str, int], torch.Tensor] = {}  # the oracle's A per sample (CPU)
-    try:
-        # dense first, then every method at the first budget, then at the next: a run stopped by
-        # a time limit has complete comparisons at the budgets it finished
-        runs = [("dense", None)] if "dense" in local else []
-        runs += [(m, b) for b in budgets for m in local if m != "dense"]
-        for m, budget in runs:
-            bar.set_postfix_str(m if budget is None else f"{m}@{budget:g}")
-            torch.manual_seed(seed)
-            scorer, before = None, None
-            if m == "lsa":
-                scorer = indexer
-            elif m == "lsa_successor":
-                scorer = SuccessorScorer(indexer)
-            elif m == "recency":
-                scorer = RecencyScorer(chunk_size=chunk_size)
-            elif m == "random":
-                scorer = RandomScorer(seed, chunk_size=chunk_size)
-            elif m == "oracle":
-                scorer = OracleScorer(chunk_size=chunk_size, lookahead=refresh_every)
+    # batch by batch: one prefill per batch (shared unless share_prefill=False), then dense, then
+    # every method at the first budget, then at the next
+    runs = [("dense", None)] if "dense" in local else []
+    runs += [(m, b) for b in budgets for m in local if m != "dense"]
+    settings = CacheSettings(
+        budget=budgets[0],
+        chunk_size=chunk_size,
+        refresh_every=refresh_every,
+        sink_chunks=sink_chunks,
+        recent_chunks=recent_chunks,
+    )
+    oracle = OracleScorer(chunk_size=chunk_size, lookahead=refresh_every)
+    scorers = {}
+    for m, b in runs:
+        if m == "lsa":
+            scorers[(m, b)] = indexer
+        elif m == "lsa_successor":
+            scorers[(m, b)] = SuccessorScorer(indexer)
+        elif m == "recency":
+            scorers[(m, b)] = RecencyScorer(chunk_size=chunk_size)
+        elif m == "random":
+            scorers[(m, b)] = RandomScorer(seed, chunk_size=chunk_size)
+        elif m == "oracle":
+            scorers[(m, b)] = oracle
 
-                def before(group, scorer=scorer, dense_new=dense_new):
-                    for s in group:
-                        key = (s.task, s.index)
-                        if key not in masses:  # once per sample, whatever the budget
-                            seq = list(s.input_ids) + dense_new[key]
-                            ids = torch.tensor([seq], dtype=torch.long, device=device)
-                            masses[key] = attention_mass(
-                                model, ids, chunk_size=chunk_size, query_start=len(s.input_ids)
-                            )
-                    scorer.set_rows([masses[(s.task, s.index)] for s in group])
-
-            settings = None
-            if budget is not None:
-                settings = CacheSettings(
-                    budget=budget,
-                    chunk_size=chunk_size,
-                    refresh_every=refresh_every,
-                    sink_chunks=sink_chunks,
-                    recent_chunks=recent_chunks,
+    def oracle_masses(group) -> None:
+        # the teacher-forced mass of prompt + dense answer, once per sample whatever the budget
+        for s in group:
+            key = (s.task, s.index)
+            if key not in masses:
+                seq = list(s.input_ids) + dense_new[key]
+                ids = torch.tensor([seq], dtype=torch.long, device=device)
+                masses[key] = attention_mass(
+                    model, ids, chunk_size=chunk_size, query_start=len(s.input_ids)
                 )
-            recs = run_method(
-                model,
-                samples,
-                method=m,
-                decode=decode,
-                scorer=scorer,
-                settings=settings,
-                batch_size=batch_size,
-                pad_id=pad_id,
-                before_batch=before,
-                trace_first=budget in (None, budgets[0]),
-                progress=bar,
-            )
-            if m == "dense":
-                dense_new = {(r["task"], r["sample"]): r["new_ids"] for r in recs}
-            records += recs
+        oracle.set_rows([masses[(s.task, s.index)] for s in group])
+
+    groups = list(batches(samples, batch_size))
+    try:
+        for gi, group in enumerate(groups):
+            shared = None
+            if share_prefill:
+                ids, mask = left_pad([s.input_ids for s in group], pad_id, device)
+                shared = prefill_batch(model, ids, mask, pad_id=pad_id)
+            for m, budget in runs:
+                bar.set_postfix_str(m if budget is None else f"{m}@{budget:g}")
+                torch.manual_seed(seed)
+                recs = run_method(
+                    model,
+                    group,
+                    method=m,
+                    decode=decode,
+                    scorer=scorers.get((m, budget)),
+                    settings=None if budget is None else replace(settings, budget=budget),
+                    batch_size=len(group),
+                    pad_id=pad_id,
+                    before_batch=oracle_masses if m == "oracle" else None,
+                    trace_first=gi == 0 and budget in (None, budgets[0]),
+                    progress=bar,
+                    prefill=shared,
+                )
+                if m == "dense":
+                    dense_new.update({(r["task"], r["sample"]): r["new_ids"] for r in recs})
+                records += recs
+            del shared
             if checkpoint is not None:
                 checkpoint(records)
     finally:
@@ -488,6 +508,7 @@ def _run(args: argparse.Namespace) -> int:
             sink_chunks=args.sink_chunks,
             recent_chunks=args.recent_chunks,
             checkpoint=checkpoint,
+            share_prefill=not args.separate_prefills,
         )
     presses = [m for m in methods if m in KVPRESS_METHODS]
     if presses:

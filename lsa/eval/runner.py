@@ -19,6 +19,7 @@ import torch
 import lsa
 from lsa.cache.model import cache_kwarg
 from lsa.eval import ruler
+from lsa.eval.prefill import Prefill
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ def run_method(
     before_batch: Callable[[list[Sample]], None] | None = None,
     trace_first: bool = False,
     progress=None,
+    prefill: Prefill | None = None,
 ) -> list[dict]:
     """Run one method over ``samples``; returns one record per sample (see the module docstring).
 
@@ -142,6 +144,8 @@ def run_method(
             batch's attention masses there).
         trace_first: record, for the first sample, the keep mask of every refresh.
         progress: a tqdm bar, advanced by one per sample.
+        prefill: the batch's shared prefill (:mod:`lsa.eval.prefill`); ``samples`` must then be
+            exactly that batch. Each method continues from it instead of prefilling again.
     """
     from transformers import DynamicCache, LogitsProcessorList
 
@@ -162,6 +166,11 @@ def run_method(
             sink_chunks=settings.sink_chunks,
             recent_chunks=settings.recent_chunks,
         )
+    if prefill is not None and len(samples) != prefill.ids.shape[0]:
+        raise ValueError(
+            f"a shared prefill serves its own batch of {prefill.ids.shape[0]} samples, got "
+            f"{len(samples)}"
+        )
     records: list[dict] = []
     try:
         model.set_attn_implementation("sdpa" if dense else "lsa")
@@ -169,27 +178,47 @@ def run_method(
             for group in batches(samples, batch_size):
                 if before_batch is not None:
                     before_batch(group)
-                ids, mask = left_pad([s.input_ids for s in group], pad_id, device)
+                new_tokens = group[0].max_new_tokens
+                if prefill is None:
+                    ids, mask = left_pad([s.input_ids for s in group], pad_id, device)
+                    gen_ids, gen_mask = ids, mask
+                else:  # continue after the shared prefill's first token
+                    ids = prefill.ids
+                    gen_ids, gen_mask = prefill.continued_inputs()
+                    new_tokens -= 1
                 if dense:
-                    kv = DynamicCache(config=model.config)
+                    kv = (
+                        DynamicCache(config=model.config)
+                        if prefill is None
+                        else prefill.dense_cache()
+                    )
                 else:
                     cache.reset()
+                    if prefill is not None:
+                        cache.load_prefill(prefill.keys_values(), prefill.mask, prefill.hidden)
                     kv = cache
                 clock = StepClock()
-                out = model.generate(
-                    ids,
-                    attention_mask=mask,
-                    **{cache_kwarg(model): kv},
-                    max_new_tokens=group[0].max_new_tokens,
-                    do_sample=False,
-                    num_beams=1,
-                    pad_token_id=pad_id,
-                    logits_processor=LogitsProcessorList([clock]),
-                )
+                start = time.perf_counter()
+                out = gen_ids
+                if new_tokens > 0:
+                    out = model.generate(
+                        gen_ids,
+                        attention_mask=gen_mask,
+                        **{cache_kwarg(model): kv},
+                        max_new_tokens=new_tokens,
+                        do_sample=False,
+                        num_beams=1,
+                        pad_token_id=pad_id,
+                        logits_processor=LogitsProcessorList([clock]),
+                    )
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                steps = len(clock.times) - 1  # the first logits come from the prefill
-                seconds = clock.times[-1] - clock.times[0] if steps > 0 else 0.0
+                if prefill is None:  # the first logits come from the prefill
+                    steps = len(clock.times) - 1
+                    seconds = clock.times[-1] - clock.times[0] if steps > 0 else 0.0
+                else:  # every step here is a decode step
+                    steps = len(clock.times)
+                    seconds = clock.times[-1] - start if steps > 0 else 0.0
                 fp = None if dense else cache.footprint()
                 if dense:
                     kv_info = {
