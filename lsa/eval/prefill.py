@@ -27,7 +27,6 @@ class Prefill:
     cache: object  # the DynamicCache holding the prompt's K/V
     first: torch.Tensor  # [B] the greedy first answer token (from the prefill's logits)
     hidden: dict[int, torch.Tensor]  # layer -> attention input of the last prompt token [B, hidden]
-    first_seconds: float  # wall time of the shared prefill
 
     def keys_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the prompt's K and V [B, H_kv, P, D]."""
@@ -46,8 +45,6 @@ class Prefill:
 
 def prefill_batch(model, ids: torch.Tensor, mask: torch.Tensor, *, pad_id: int) -> Prefill:
     """The dense prefill of ``ids`` [B, P] (left-padded, ``mask`` [B, P]) and its first token."""
-    import time
-
     from transformers import DynamicCache
 
     n_layers = text_config(model).num_hidden_layers
@@ -66,7 +63,6 @@ def prefill_batch(model, ids: torch.Tensor, mask: torch.Tensor, *, pad_id: int) 
     ]
     cache = DynamicCache(config=model.config)
     previous = model.config._attn_implementation
-    t0 = time.perf_counter()
     try:
         model.set_attn_implementation("sdpa")
         out = model.generate(
@@ -86,7 +82,7 @@ def prefill_batch(model, ids: torch.Tensor, mask: torch.Tensor, *, pad_id: int) 
         raise RuntimeError(
             f"the shared prefill cached {cache.get_seq_length()} tokens, expected {ids.shape[1]}"
         )
-    return Prefill(ids, mask, cache, out[:, -1], hidden, time.perf_counter() - t0)
+    return Prefill(ids, mask, cache, out[:, -1], hidden)
 
 
 __all__ = ["Prefill", "prefill_batch"]

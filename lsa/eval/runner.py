@@ -175,7 +175,9 @@ def run_method(
     try:
         model.set_attn_implementation("sdpa" if dense else "lsa")
         with torch.inference_mode():
-            for group in batches(samples, batch_size):
+            # a shared prefill holds exactly one batch: the samples
+            groups = [samples] if prefill is not None else batches(samples, batch_size)
+            for group in groups:
                 if before_batch is not None:
                     before_batch(group)
                 new_tokens = group[0].max_new_tokens
