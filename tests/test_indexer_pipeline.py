@@ -132,6 +132,25 @@ def test_training_reduces_the_loss(setup):
     assert hist[-1]["loss"] < hist[0]["loss"]
 
 
+def test_answer_positions_repeat_in_each_epoch(setup):
+    from lsa.indexer.train import epoch_order
+
+    is_answer = torch.tensor([0, 1, 0, 0, 1, 0], dtype=torch.bool)
+    order = epoch_order(is_answer, 4, torch.Generator().manual_seed(0))
+    counts = torch.bincount(order, minlength=6)
+    assert counts.tolist() == [1, 4, 1, 1, 4, 1]
+    # repeat 1 is the plain permutation, so earlier recipes reproduce bit for bit
+    plain = epoch_order(is_answer, 1, torch.Generator().manual_seed(7))
+    assert torch.equal(plain, torch.randperm(6, generator=torch.Generator().manual_seed(7)))
+    with pytest.raises(ValueError, match="answer-repeat"):
+        epoch_order(is_answer, 0, torch.Generator())
+    root, _, _ = setup
+    args = ["train", "--data", str(root / "dump"), "--out", str(root / "indexer_rep"),
+            "--epochs", "1", "--batch-size", "8", "--n-heads", "2", "--index-dim", "16",
+            "--q-rank", "8", "--rope-dim", "8", "--quiet", "--answer-repeat", "5"]  # fmt: skip
+    assert main(args) == 0
+
+
 def test_shard_split_is_by_document(setup):
     root, _, _ = setup
     train, test = ShardData(root / "dump", "train"), ShardData(root / "dump", "test")

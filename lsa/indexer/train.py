@@ -55,6 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rope-theta", type=float, default=10000.0)
     parser.add_argument("--ensemble", choices=("max", "mean"), default="mean")
     parser.add_argument("--key-fp8", action="store_true")
+    parser.add_argument(
+        "--answer-repeat",
+        type=int,
+        default=1,
+        help="each answer position (the last prompt token, where the cache selects after the "
+        "prefill) appears this many times per epoch; they are ~1%% of the dumped positions",
+    )
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -98,6 +105,16 @@ def build_indexer(data: ShardData, args) -> LightningIndexer:
             f"{config.feature_dim}"
         )
     return LightningIndexer(config, torch.tensor(s["backbone_inv_freq"]))
+
+
+def epoch_order(is_answer: torch.Tensor, repeat: int, gen: torch.Generator) -> torch.Tensor:
+    """The positions of one epoch, shuffled: every position once, answer positions ``repeat``
+    times (``repeat = 1`` gives exactly ``torch.randperm``, so earlier runs reproduce)."""
+    if not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"--answer-repeat must be an int >= 1, got {repeat!r}")
+    extra = is_answer.nonzero().flatten().repeat(repeat - 1)
+    order = torch.cat([torch.arange(len(is_answer)), extra])
+    return order[torch.randperm(len(order), generator=gen)]
 
 
 def batch_logits(model: LightningIndexer, batch: Batch) -> dict[int, torch.Tensor]:
@@ -227,7 +244,10 @@ def run(args: argparse.Namespace) -> int:
             d.to(device)
     model = build_indexer(train_data, args).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(len(train_data) / args.batch_size)
+    n_answer = int(train_data.is_answer.sum())
+    steps_per_epoch = math.ceil(
+        (len(train_data) + n_answer * (args.answer_repeat - 1)) / args.batch_size
+    )
     total = max(1, steps_per_epoch * args.epochs)
     warm = max(1, int(args.warmup * total))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -246,9 +266,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     for epoch in range(args.epochs):
         model.train()
-        perm = torch.randperm(len(train_data), generator=gen)
+        perm = epoch_order(train_data.is_answer, args.answer_repeat, gen)
         losses = []
-        for start in range(0, len(train_data), args.batch_size):
+        for start in range(0, len(perm), args.batch_size):
             batch = train_data.batch(perm[start : start + args.batch_size])
             pos = positives(batch, args.label_budget, sink, recent) if args.loss != "kl" else None
             batch = batch.to(device)
