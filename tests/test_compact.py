@@ -5,7 +5,12 @@ import pytest
 import torch
 
 import lsa
-from lsa.compiled.compact import merge_attention, prefix_attention, visible_attention
+from lsa.compiled.compact import (
+    merge_attention,
+    prefix_attention,
+    prefix_mask,
+    visible_attention,
+)
 
 
 def _case(device, dtype, b=2, hq=6, hkv=2, d=24, cs=16, slots=5, tail=11, seed=0):
@@ -91,7 +96,7 @@ def test_prefix_attention_sees_only_each_rows_prefix(lengths, sq):
     """Mixed-length rows in one call = each row alone over its own prefix (GQA, 1 or several
     queries, a one-key row)."""
     q, k, v, n = _prefix_case("cpu", torch.float64, lengths, sq=sq)
-    out = prefix_attention(q, k, v, n)
+    out = prefix_attention(q, k, v, prefix_mask(n, k.shape[2]))
     for b, m in enumerate(lengths):
         ref = lsa.dense_attention(
             q[b : b + 1], k[b : b + 1, :, :m], v[b : b + 1, :, :m], causal=False, enable_gqa=True
@@ -103,7 +108,7 @@ def test_prefix_attention_sees_only_each_rows_prefix(lengths, sq):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_prefix_attention_cuda(dtype):
     q, k, v, n = _prefix_case("cuda", dtype, [300, 17, 129], hq=8, d=64)
-    out = prefix_attention(q, k, v, n)
+    out = prefix_attention(q, k, v, prefix_mask(n, k.shape[2]))
     for b, m in enumerate(n.tolist()):
         ref = lsa.dense_attention(
             q[b : b + 1].double(),

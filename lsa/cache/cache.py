@@ -58,7 +58,7 @@ from lsa.cache.model import attention_modules, check_layer_types, text_config
 from lsa.cache.records import Footprint, RecallStats, RefreshRecord
 from lsa.cache.residency import Residency
 from lsa.cache.zero_copy import zero_copy_unavailable
-from lsa.compiled.compact import prefix_attention, visible_attention
+from lsa.compiled.compact import prefix_attention, prefix_mask, visible_attention
 from lsa.compiled.flex import FlexPlan, flex_attend, flex_supports, reserve_block_mask, use_fold
 from lsa.indexer.scorer import ChunkScorer
 
@@ -250,7 +250,7 @@ class LSACache(Residency, Cache):
         self.n_kept: list[int] = []  # per row, kept (complete) chunks: they fill slots 0..n-1
         self.tail_first: list[int] = []  # per row, first chunk of the tail (slot n_kept[b])
         self.visible: list[int] = []  # per row, tokens a decode query sees (a reserve prefix)
-        self._visible_dev: torch.Tensor | None = None
+        self._visible_mask: torch.Tensor | None = None
         self.mirror: HostMirror | None = None
         #: why a decode call left the compact path for reserve_attention (reason -> calls)
         self.compact_fallbacks: dict[str, int] = {}
@@ -505,7 +505,7 @@ class LSACache(Residency, Cache):
     def _begin_decode_step(self) -> None:
         """Before layer 0 of a decode step: find each row's write slot."""
         self.decode_step += 1
-        self._visible_dev = None  # the compact path's per-row lengths, built on first use
+        self._visible_mask = None  # the compact path's key-padding mask, built on first use
         cs = self.chunk_size
         new_rows, new_slots = [], []
         table_changed = False
@@ -624,11 +624,12 @@ class LSACache(Residency, Cache):
                 query, k_reserve[:, :, :n], v_reserve[:, :, :n], scale=scaling
             )
         else:
-            if self._visible_dev is None:  # once per step, shared by the layers
-                self._visible_dev = self._to_device(torch.tensor(vis, dtype=torch.long))
             n = max(vis)
+            if self._visible_mask is None:  # once per step, shared by the layers
+                lengths = self._to_device(torch.tensor(vis, dtype=torch.long))
+                self._visible_mask = prefix_mask(lengths, n)
             out = prefix_attention(
-                query, k_reserve[:, :, :n], v_reserve[:, :, :n], self._visible_dev, scale=scaling
+                query, k_reserve[:, :, :n], v_reserve[:, :, :n], self._visible_mask, scale=scaling
             )
         return out.transpose(1, 2).contiguous()
 

@@ -50,14 +50,20 @@ def visible_attention(
     return out.reshape(b, hq, sq, -1), lse.reshape(b, hq, sq)
 
 
+def prefix_mask(lengths: torch.Tensor, n: int) -> torch.Tensor:
+    """bool [B, 1, 1, n]: row ``b`` sees its first ``lengths[b]`` keys (built once per decode step
+    and shared by the layers)."""
+    return (torch.arange(n, device=lengths.device)[None, :] < lengths[:, None])[:, None, None, :]
+
+
 def prefix_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, *, scale=None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, *, scale=None
 ) -> torch.Tensor:
-    """Each row's queries over the first ``lengths[b]`` keys of its row, in one SDPA call.
+    """Each row's queries over a prefix of its row's keys, in one SDPA call.
 
     Args:
         q: [B, H_q, S_q, D]; k, v: [B, H_kv, S, D] with H_q % H_kv == 0.
-        lengths: int [B] on q's device, each in [1, S].
+        allowed: :func:`prefix_mask` of the rows' lengths (each in [1, S]) and ``S``.
 
     Returns:
         out [B, H_q, S_q, D]. A batch whose rows see different prefixes needs a key-padding
@@ -65,12 +71,9 @@ def prefix_attention(
         (CUDA) or its CPU kernel with a boolean mask, instead of one call per row.
     """
     b, hq, sq, d = q.shape
-    hkv, s = k.shape[1], k.shape[2]
+    hkv = k.shape[1]
     qf = q.reshape(b, hkv, (hq // hkv) * sq, d)  # GQA folded into rows, as in visible_attention
-    allowed = torch.arange(s, device=q.device)[None, :] < lengths.to(q.device)[:, None]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        qf, k, v, attn_mask=allowed[:, None, None, :], scale=scale
-    )
+    out = torch.nn.functional.scaled_dot_product_attention(qf, k, v, attn_mask=allowed, scale=scale)
     return out.reshape(b, hq, sq, -1)
 
 
