@@ -261,7 +261,10 @@ def model_dir(name: str) -> Path:
     """A directory ``from_pretrained`` can read for ``name`` (converting a GGUF once if needed)."""
     name = ALIASES.get(name, name)
     if name == SMOLLM2:
-        return convert_gguf(smollm2_gguf_path(), cache_root() / "smollm2-135m-instruct")
+        converted = cache_root() / "smollm2-135m-instruct"
+        if (converted / "config.json").is_file():
+            return converted  # as for Qwen: the package is no longer needed
+        return convert_gguf(smollm2_gguf_path(), converted)
     if name == QWEN_CODER:
         converted = cache_root() / "qwen2.5-coder-0.5b-instruct"
         if (converted / "config.json").is_file():

@@ -34,6 +34,16 @@ def test_split_corpus_holds_out_whole_documents(monkeypatch):
     assert not test_inputs & {d["input"] for d in docs if d["split"] != "test"}
 
 
+def test_corpora_of_other_seeds_merge_with_the_default_one(monkeypatch):
+    monkeypatch.setattr(ruler, "generate", _fake_generate)
+    kw = dict(tokenizer_path="u", save_dir="u", lengths=(4096,), samples=3, tasks=("vt",))
+    default = ruler.build_split_corpus(**kw)
+    other = ruler.build_split_corpus(**kw, seed=7)
+    assert {d["id"] for d in default} == {f"ruler:vt:4096:{i}" for i in range(3)}
+    assert {d["id"] for d in other} == {f"ruler@7:vt:4096:{i}" for i in range(3)}
+    assert len(ruler.order_corpus(default + other)) == 6  # ids stay unique
+
+
 def test_split_corpus_needs_three_samples():
     with pytest.raises(ValueError, match="samples"):
         ruler.build_split_corpus(tokenizer_path="x", save_dir="x", lengths=(4096,), samples=2)

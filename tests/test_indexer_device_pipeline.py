@@ -134,6 +134,25 @@ def test_dump_stops_at_max_seconds_and_resumes(tmp_path, run_pipeline):
     assert len(docs) == 12 == len(set(docs))
 
 
+def test_dump_only_stops_before_training_and_a_rerun_trains(tmp_path, run_pipeline):
+    root, _, _ = run_pipeline
+    out = tmp_path / "out"
+    argv = [
+        "--model", str(root / "model"), "--corpus", str(root / "corpus.jsonl"),
+        "--work", str(tmp_path / "work"), "--out", str(out),
+        "--dump-args", "--target-layers", "0", "--chunk-size", "16", "--lookahead", "16",
+        "--stride", "32", "--min-position", "64", "--docs-per-shard", "6", "--device", "cpu",
+        "--train-args", "--epochs", "1", "--batch-size", "16", "--n-heads", "2",
+        "--index-dim", "16", "--q-rank", "8", "--rope-dim", "8", "--device", "cpu",
+    ]  # fmt: skip
+    assert pipeline.main([*argv[:8], "--dump-only", *argv[8:]]) == 0
+    manifest = (tmp_path / "work" / "dump" / "manifest.json").read_text()
+    assert not (out / "metrics.json").exists()
+    assert pipeline.main(argv) == 0  # the finished dump is resumed (nothing new) and trained on
+    assert (tmp_path / "work" / "dump" / "manifest.json").read_text() == manifest
+    assert (out / "metrics.json").is_file() and (out / "indexer.safetensors").is_file()
+
+
 def test_shipped_qwen_indexer_resolves_by_name_and_alias(run_pipeline, tmp_path, monkeypatch):
     import shutil
 

@@ -154,6 +154,18 @@ def test_converted_qwen_needs_neither_gguf_nor_packages(monkeypatch, tmp_path):
     assert models.model_dir("qwen") == converted  # the short alias
 
 
+def test_converted_smollm2_needs_no_package(monkeypatch, tmp_path):
+    def missing(name, *a, **k):
+        raise AssertionError(f"looked for the {name} package")
+
+    monkeypatch.setattr(models, "_package_dir", missing)
+    monkeypatch.setenv("LSA_CACHE", str(tmp_path))
+    converted = tmp_path / "smollm2-135m-instruct"
+    converted.mkdir()
+    (converted / "config.json").write_text("{}")
+    assert models.model_dir("smollm2") == converted
+
+
 def _split(tmp_path, data: bytes, pieces: int):
     src = tmp_path / "big.bin"
     src.write_bytes(data)

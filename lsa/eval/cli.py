@@ -319,7 +319,7 @@ def evaluate(
     device = next(model.parameters()).device
     records: list[dict] = []
     dense_new: dict[tuple[str, int], list[int]] = {}
-    masses: dict[tuple[str, int], torch.Tensor] = {}  # the oracle's A per sample (CPU)
+    masses: dict[tuple[str, int], torch.Tensor] = {}  # the oracle's A per sample of the batch
     # batch by batch: one prefill per batch (shared unless share_prefill=False), then dense, then
     # every method at the first budget, then at the next
     runs = [("dense", None)] if "dense" in local else []
@@ -385,6 +385,7 @@ def evaluate(
                     dense_new.update({(r["task"], r["sample"]): r["new_ids"] for r in recs})
                 records += recs
             del shared
+            masses.clear()  # [S, n_chunks] fp32 per sample: ~17 MB each at 16K, kept per batch only
             if checkpoint is not None:
                 checkpoint(records)
     finally:

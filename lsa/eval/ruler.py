@@ -353,6 +353,8 @@ def build_split_corpus(
 
     if samples < 3:
         raise ValueError(f"samples must be >= 3 (one test, one val, one train), got {samples}")
+    # Corpora made with other seeds merge with the default one: their ids name the seed.
+    source = "ruler" if seed == 42 else f"ruler@{seed}"
     docs = []
     for length in lengths:
         for task in tasks:
@@ -367,7 +369,7 @@ def build_split_corpus(
             for i, s in enumerate(out):
                 docs.append(
                     {
-                        "id": f"ruler:{task}:{length}:{s.get('index', i)}",
+                        "id": f"{source}:{task}:{length}:{s.get('index', i)}",
                         "task": task,
                         "input": s["input"],
                         "outputs": s["outputs"],

@@ -42,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="where the indexer and metrics go")
     parser.add_argument("--dump-seconds", type=float, default=None, help="dump --max-seconds")
     parser.add_argument("--train-seconds", type=float, default=None, help="train --max-seconds")
+    parser.add_argument(
+        "--dump-only",
+        action="store_true",
+        help="stop after the dump; the same line without it resumes the (finished) dump and trains",
+    )
     # ``--dump-args ...`` and ``--train-args ...`` (at the end) are cut off by :func:`main`.
 
 
@@ -91,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dump_seconds is not None:
         dump += ["--max-seconds", str(args.dump_seconds)]
     _run(dump)
+    if args.dump_only:
+        print(f"dump done in {dump_dir}; run again without --dump-only to train")
+        return 0
     # A fresh process: training reads the shards only and never imports the backbone.
     train = [sys.executable, "-m", "lsa", "train", "--data", str(dump_dir), "--out", str(out)]
     train += [*preset["train"], *args.train_args]
