@@ -2,7 +2,8 @@
 
 Per sample: one teacher-forced pass over prompt + the dense answer the H200 evaluation recorded
 (``results.json`` of ``python -m lsa eval``). At every answer step ``j`` (the cache has the prompt
-and ``j`` answer tokens; ``j = 0`` is the selection after the prompt) the shipped indexer scores
+and ``j`` answer tokens; ``j = 0`` is the selection after the prompt) the indexer (``--indexer``,
+default the shipped one) scores
 the prompt's completed chunks from the attention input at position ``P - 1 + j``, exactly as a
 refresh there would. Printed per sample: the needle chunk's rank at ``j = 0``, at the last step
 before the answer's first digit, and the best step; a hit = within the free picks at 10%.
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts
-from rank_needles import CS, TARGETS, char_to_token, locate, ranks
+from rank_needles import CS, char_to_token, locate, ranks
 
 from lsa.indexer import load_indexer
 from lsa.indexer.labels import LabelConfig, teacher_forced_pass
@@ -35,6 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--plan", default="niah_multikey_2:0-11")
     p.add_argument("--out", default="out/needles/answer_refresh.jsonl")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--indexer", default="qwen", help="indexer name or folder (default: shipped)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     want = {}
@@ -50,7 +52,8 @@ def main(argv=None) -> int:
     with gzip.open(a.prompts, "rt") as f:
         rows = [d for d in map(json.loads, f) if d["sample"] in want.get(d["task"], ())]
     model, tok = load_model("qwen2.5-coder-0.5b", dtype=torch.float32)
-    indexer = load_indexer("qwen", hidden_size=model.config.hidden_size).eval()
+    indexer = load_indexer(a.indexer, hidden_size=model.config.hidden_size).eval()
+    layers = indexer.target_layers
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     for d in rows:
         ids, answer = d["input_ids"], d["references"][0]
@@ -63,15 +66,15 @@ def main(argv=None) -> int:
         full = torch.tensor([ids + new])
         cfg = LabelConfig(chunk_size=CS, query_start=full.shape[1])  # no attention mass needed
         with torch.inference_mode():
-            rec = teacher_forced_pass(model, full, TARGETS, cfg)
+            rec = teacher_forced_pass(model, full, layers, cfg)
             start = torch.arange(n)[None] * CS
             ckeys = {
-                L: indexer.encode_chunks(L, rec.keys[L][None, :, : n * CS], start) for L in TARGETS
+                L: indexer.encode_chunks(L, rec.keys[L][None, :, : n * CS], start) for L in layers
             }
             steps = []
             for j in range(len(new)):
                 pos = s - 1 + j
-                hidden = {L: rec.hidden[L][pos][None] for L in TARGETS}
+                hidden = {L: rec.hidden[L][pos][None] for L in layers}
                 logits = indexer.score(hidden, torch.tensor([pos]), ckeys)[0]
                 r = ranks(logits.float(), n)
                 steps.append(max(int(r[c]) for c in needle) if needle else -1)
