@@ -7,6 +7,7 @@ process that never loads the backbone, ``python -m lsa train``, which writes the
 test by document length, answer positions; with Recency / Random / SnapKV-style) to ``O``.
 The dump's manifest (without the per-shard document lists' tensors) and the train log are
 copied beside them. The dump is resumable: run the same line again after an interruption.
+``--dump-only`` stops after the dump, so dump and training can go to separate device calls.
 
 Presets hold the recipe of each shipped indexer; any dump/train flag can be added after
 ``--dump-args`` / ``--train-args`` to override it (argparse keeps the last value).
