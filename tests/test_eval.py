@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import pytest
 import torch
@@ -368,6 +369,28 @@ def test_report_merges_files_and_refuses_duplicates(run_twice, tmp_path):
     assert report._main([*files, "--out", str(tmp_path / "m"), "--no-plots"]) == 0
     assert len(json.loads((tmp_path / "m" / "results.json").read_text())["records"]) == len(records)
     assert report.markdown(a + b) == (tmp_path / "m" / "results.md").read_text()
+
+
+def test_report_means_need_every_task():
+    def rec(method, budget, task, score):
+        kv = {"device_bytes": 1, "dense_bytes": 10}
+        return dict(method=method, budget=budget, task=task, sample=0, score=score, kv=kv,
+                    decode_seconds=1.0, decode_tokens=1)  # fmt: skip
+
+    tasks = {"a": (1.0, 0.5), "b": (1.0, 0.0), "c": (0.0, 1.0)}  # dense solves a and b
+    records = [rec("dense", None, t, d) for t, (d, _) in tasks.items()]
+    records += [rec("lsa", 0.1, t, x) for t, (_, x) in tasks.items()]
+    records += [rec("snapkv", 0.1, "a", 1.0), rec("snapkv", 0.1, "c", 1.0)]  # b never ran
+    records += [rec("recency", 0.1, "a", 1.0), rec("recency", 0.1, "b", 0.0)]  # c never ran
+    rows = report.summary(records)["budgets"]["0.1"]
+    assert rows["lsa"]["mean_all"] == pytest.approx(50.0)
+    assert rows["lsa"]["mean_solved"] == pytest.approx(25.0)
+    assert math.isnan(rows["snapkv"]["mean_all"]) and math.isnan(rows["snapkv"]["mean_solved"])
+    assert rows["snapkv"]["per_task"] == {"a": 100.0, "c": 100.0}
+    assert math.isnan(rows["recency"]["mean_all"])
+    assert rows["recency"]["mean_solved"] == pytest.approx(50.0)  # it has every solved task
+    md = report.markdown(records)
+    assert "| **mean, all tasks** | 66.7 | 50.0 | - | - |" in md
 
 
 def args_for(**over):

@@ -308,7 +308,13 @@ def evaluate(
     from lsa.eval.baselines import RandomScorer, RecencyScorer
     from lsa.eval.oracle import OracleScorer, attention_mass
     from lsa.eval.prefill import prefill_batch
-    from lsa.eval.runner import CacheSettings, batches, left_pad, run_method
+    from lsa.eval.runner import (
+        CacheSettings,
+        batches,
+        left_pad,
+        release_host_memory,
+        run_method,
+    )
     from lsa.indexer.successor import SuccessorScorer
 
     local = [m for m in methods if m in LOCAL_METHODS]
@@ -386,6 +392,9 @@ def evaluate(
                 records += recs
             del shared
             masses.clear()  # [S, n_chunks] fp32 per sample: ~17 MB each at 16K, kept per batch only
+            before, after = release_host_memory(device)
+            if device.type == "cuda":
+                bar.write(f"batch {gi + 1}: pinned host memory {before:.1f} -> {after:.1f} GiB")
             if checkpoint is not None:
                 checkpoint(records)
     finally:

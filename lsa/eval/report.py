@@ -55,10 +55,15 @@ def summary(records: list[dict]) -> dict:
                 continue
             per_task = {t: acc[(m, b, t)] for t in tasks if (m, b, t) in acc}
             seconds = sum(r["decode_seconds"] for r in recs)
+            # a mean over fewer tasks than the row names would not compare with the others' means
             rows[m] = {
                 "per_task": per_task,
-                "mean_all": _mean(per_task.values()),
-                "mean_solved": _mean(per_task[t] for t in solved if t in per_task),
+                "mean_all": _mean(per_task.values()) if len(per_task) == len(tasks) else math.nan,
+                "mean_solved": (
+                    _mean(per_task[t] for t in solved)
+                    if all(t in per_task for t in solved)
+                    else math.nan
+                ),
                 "device_fraction": _mean(
                     r["kv"]["device_bytes"] / r["kv"]["dense_bytes"] for r in recs
                 ),

@@ -10,6 +10,7 @@ cache); ``dense_kv_bytes`` is the sample's own dense KV (prompt + answer tokens,
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -279,7 +280,32 @@ def run_method(
         model.set_attn_implementation("sdpa")
         if cache is not None:
             cache.close()
+            del cache
+            gc.collect()  # free its pinned mirror before the next method allocates one
     return records
+
+
+def release_host_memory(device: torch.device) -> tuple[float, float]:
+    """Free dropped caches now and hand torch's cached pinned host blocks back to the OS.
+
+    LSACache's host mirror is pinned on CUDA. torch's host allocator keeps freed pinned blocks for
+    reuse but never splits them, so requests of new sizes (every batch has its own prompt lengths)
+    can add blocks until pinning fails: one evaluation stopped with "CUDA error: out of memory"
+    inside ``HostMirror.ensure`` after 3 of 13 batches. Returns the pinned GiB that torch held
+    before and after (0, 0 off CUDA).
+    """
+    gc.collect()  # a finished cache can sit in a reference cycle until the next collection
+    if device.type != "cuda":
+        return 0.0, 0.0
+
+    def held() -> float:
+        return torch.cuda.host_memory_stats().get("reserved_bytes.current", 0) / 2**30
+
+    before = held()
+    # the public name only in newer torch; the private call behind it exists on CUDA builds
+    empty = getattr(torch.accelerator, "empty_host_cache", None) or torch._C._host_emptyCache
+    empty()
+    return before, held()
 
 
 __all__ = [
@@ -290,6 +316,7 @@ __all__ = [
     "dynamic_cache_bytes",
     "kv_bytes_per_token",
     "left_pad",
+    "release_host_memory",
     "run_method",
     "trim_answer",
 ]
