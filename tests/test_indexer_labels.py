@@ -61,6 +61,26 @@ def test_hidden_is_the_attention_input_of_the_target_layer(tiny):
     torch.testing.assert_close(rec.hidden[1], want)
 
 
+def test_head_max_mass_is_the_strongest_head_of_any_label_layer(tiny):
+    ids = torch.randint(0, 101, (1, 83))
+    cfg = LabelConfig(chunk_size=CS, query_block=16, head_reduce="max")
+    rec = teacher_forced_pass(tiny, ids, [1], cfg)
+    prev = tiny.config._attn_implementation
+    tiny.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            att = tiny(ids, output_attentions=True).attentions  # per layer [1, H, S, S]
+    finally:
+        tiny.set_attn_implementation(prev)
+    per_head = torch.cat([a[0] for a in att])  # [layers * H, S, S]
+    per_head = F.pad(per_head, (0, (-83) % CS)).view(per_head.shape[0], 83, -1, CS).sum(-1)
+    assert rec.n_terms == 1
+    torch.testing.assert_close(rec.mass, per_head.amax(0), rtol=1e-4, atol=1e-5)
+    assert (rec.mass.sum(1) > 1).any()  # not a distribution, unlike the mean
+    with pytest.raises(ValueError, match="head_reduce"):
+        LabelConfig(head_reduce="sum")
+
+
 def test_chunk_mass_blocks_match_one_block_and_gqa():
     torch.manual_seed(3)
     q, k = torch.randn(6, 50, 8), torch.randn(2, 50, 8)

@@ -61,17 +61,13 @@ def test_is_a_chunk_scorer_with_the_protocol_shapes():
     assert logits.shape == (b, n) and torch.isfinite(logits).all()
 
 
-def test_logit_is_weighted_relu_sum_over_heads():
-    idx = _indexer()
-    cfg = idx.config
-    mod = idx.layers["1"]
-    x, pos = torch.randn(2, 48), torch.tensor([17, 300])
-    k = torch.randn(2, 6, 32)
-    got = idx.layer_logits(1, x, pos, k)
-    # Manual: low-rank -> RMSNorm -> per-head -> RoPE on the last rope_dim -> Hadamard.
+def _manual_q_w(idx, layer, x, pos):
+    """The query tower by hand: low-rank -> RMSNorm -> per-head -> RoPE on the last rope_dim
+    -> Hadamard; head weights scaled by d^-0.5 H^-0.5. Returns q [B, H, d], w [B, H]."""
+    cfg, mod = idx.config, idx.layers[str(layer)]
     ql = mod.wq_a(x)
     ql = ql * torch.rsqrt(ql.pow(2).mean(-1, keepdim=True) + 1e-6) * mod.q_norm.weight
-    q = mod.wq_b(ql).view(2, 4, 32)
+    q = mod.wq_b(ql).view(x.shape[0], cfg.n_heads, cfg.index_dim)
     half = cfg.rope_dim // 2
     inv = cfg.rope_theta ** (-torch.arange(half).float() / half)
     ang = pos.float()[:, None, None] * inv  # [B, 1, half]
@@ -80,8 +76,15 @@ def test_logit_is_weighted_relu_sum_over_heads():
         [q[..., : -cfg.rope_dim], a * ang.cos() - b_ * ang.sin(), a * ang.sin() + b_ * ang.cos()],
         -1,
     )
-    q = q @ hadamard_matrix(32)
-    w = mod.weights_proj(x) * 32**-0.5 * 4**-0.5
+    w = mod.weights_proj(x) * cfg.index_dim**-0.5 * cfg.n_heads**-0.5
+    return q @ hadamard_matrix(cfg.index_dim), w
+
+
+def test_logit_is_weighted_relu_sum_over_heads():
+    idx = _indexer()
+    x, pos = torch.randn(2, 48), torch.tensor([17, 300])
+    k = torch.randn(2, 6, 32)
+    q, w = _manual_q_w(idx, 1, x, pos)
     want = (
         torch.stack(
             [
@@ -90,9 +93,31 @@ def test_logit_is_weighted_relu_sum_over_heads():
                 for j in range(6)
             ]
         ).view(2, 6)
-        + mod.bias
+        + idx.layers["1"].bias
     )
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(idx.layer_logits(1, x, pos, k), want, rtol=1e-5, atol=1e-5)
+
+
+def test_prev_chunk_adds_the_predecessors_match_per_head():
+    idx = _indexer(prev_chunk=True)
+    gamma = idx.layers["1"].gamma
+    x, pos, k = torch.randn(2, 48), torch.tensor([17, 300]), torch.randn(2, 6, 32)
+    q, w = _manual_q_w(idx, 1, x, pos)
+
+    def term(i, h, j):  # chunk 0 has no predecessor
+        own = torch.relu(q[i, h] @ k[i, j])
+        return own + (gamma[h] * torch.relu(q[i, h] @ k[i, j - 1]) if j > 0 else 0.0)
+
+    want = torch.stack(
+        [sum(w[i, h] * term(i, h, j) for h in range(4)) for i in range(2) for j in range(6)]
+    ).view(2, 6)
+    got = idx.layer_logits(1, x, pos, k)
+    torch.testing.assert_close(got, want + idx.layers["1"].bias, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        gamma.zero_()  # a zero gamma is the plain indexer
+    plain = LightningIndexer(_config(), _inv_freq())
+    plain.load_state_dict({n: v for n, v in idx.state_dict().items() if "gamma" not in n})
+    torch.testing.assert_close(idx.layer_logits(1, x, pos, k), plain.layer_logits(1, x, pos, k))
 
 
 def test_hadamard_is_orthonormal():
@@ -216,8 +241,9 @@ def test_fp8_keys_are_representable_and_pass_gradients():
 # --- save / load -------------------------------------------------------------------------------
 
 
-def test_save_load_round_trip(tmp_path):
-    idx = _indexer(key_fp8=True)
+@pytest.mark.parametrize("prev_chunk", [False, True])
+def test_save_load_round_trip(tmp_path, prev_chunk):
+    idx = _indexer(key_fp8=True, prev_chunk=prev_chunk)
     idx.save_pretrained(tmp_path)
     back = LightningIndexer.from_pretrained(tmp_path, hidden_size=48, target_layers=[1, 3])
     assert back.config == idx.config

@@ -81,9 +81,16 @@ def test_dump_resumes_without_redoing_documents(setup):
     import shutil
 
     shutil.copytree(root / "dump", root / "dump2")
+    # A manifest from before --label-reduce existed (no head_reduce) resumes as "mean".
+    manifest = json.loads((root / "dump2" / "manifest.json").read_text())
+    del manifest["settings"]["labels"]["head_reduce"]
+    (root / "dump2" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="other settings"):
+        main([*argv, *DUMP_ARGS, "--label-reduce", "max"])
     assert main([*argv, *DUMP_ARGS]) == 0
     after = json.loads((root / "dump2" / "manifest.json").read_text())
     assert after["shards"][: len(before["shards"])] == before["shards"]
+    assert after["settings"]["labels"]["head_reduce"] == "mean"
     ids = [d["id"] for sh in after["shards"] for d in sh["docs"]]
     assert ids == ["d3", "d2", "d0", "d1", "d4", "d7", "d6", "d5"]
     # Other settings on the same directory are refused rather than mixed.
@@ -121,15 +128,20 @@ def test_train_reads_only_shards(setup, monkeypatch):
     assert logits.shape == b.target.shape and torch.isfinite(logits).all()
 
 
-def test_training_reduces_the_loss(setup):
+@pytest.mark.parametrize("extra", [[], ["--prev-chunk"]])
+def test_training_reduces_the_loss(setup, extra):
     root, _, _ = setup
-    out = root / "indexer_kl"
+    out = root / f"indexer_kl{len(extra)}"
     args = ["train", "--data", str(root / "dump"), "--out", str(out), "--epochs", "6",
             "--batch-size", "8", "--n-heads", "2", "--index-dim", "16", "--q-rank", "8",
-            "--rope-dim", "8", "--lr", "1e-2", "--quiet", "--loss", "kl"]  # fmt: skip
+            "--rope-dim", "8", "--lr", "1e-2", "--quiet", "--loss", "kl", *extra]  # fmt: skip
     assert main(args) == 0
     hist = json.loads((out / "metrics.json").read_text())["history"]
     assert hist[-1]["loss"] < hist[0]["loss"]
+    idx = LightningIndexer.from_pretrained(out)
+    assert idx.config.prev_chunk == bool(extra)
+    if extra:  # the predecessor weights were trained, not left at their zero start
+        assert all(idx.layers[str(la)].gamma.abs().max() > 0 for la in idx.target_layers)
 
 
 def test_answer_positions_repeat_in_each_epoch(setup):

@@ -63,6 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-frac", type=float, default=0.15)
     parser.add_argument("--test-frac", type=float, default=0.25)
     parser.add_argument("--query-block", type=int, default=256)
+    parser.add_argument(
+        "--label-reduce",
+        choices=("mean", "max"),
+        default="mean",
+        help="combine the label layers' heads by their mean or by the strongest head",
+    )
     parser.add_argument("--chat-template", action="store_true", help="wrap prompts as chat turns")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -242,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
         recent_chunks=args.recent_chunks,
         label_layers=tuple(args.label_layers) if args.label_layers else None,
         query_block=args.query_block,
+        head_reduce=args.label_reduce,
     )
     inv_freq, scaling = backbone_rope(model)
     settings = _settings(args, label_cfg, inv_freq, scaling, model)
@@ -249,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         old = {k: v for k, v in manifest["settings"].items()}
+        old["labels"].setdefault("head_reduce", "mean")  # dumps written before the option
         if json.loads(json.dumps(settings)) != old:
             raise ValueError(
                 f"{manifest_path} was written with other settings; use a new --out or the same "

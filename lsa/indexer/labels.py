@@ -3,8 +3,10 @@
 Definition (for a document of ``S`` tokens, chunks of ``cs`` tokens, lookahead ``τ``):
 
 - ``A[u, j]``: the attention probability that query ``u`` puts on the keys of chunk ``j``,
-  averaged over the label layers and all their query heads (so ``Σ_j A[u, j] = 1``). It comes from
-  the model's own post-RoPE queries and keys in one teacher-forced pass, computed in blocks of
+  averaged over the label layers and all their query heads (so ``Σ_j A[u, j] = 1``), or, with
+  ``head_reduce="max"``, the largest such probability of any one (label layer, head): a few
+  retrieval heads that copy from one chunk then decide, instead of being averaged away. It
+  comes from the model's own post-RoPE queries and keys in one teacher-forced pass, in blocks of
   queries so memory stays ``O(block · S)`` per layer; the full ``[S, S]`` is never stored.
 - At position ``t`` the chunks that exist are those that end at or before ``t``:
   ``n_t = (t + 1) // cs``. Of these, the first ``sink_chunks`` and the last ``recent_chunks`` are
@@ -46,6 +48,8 @@ class LabelConfig:
     query_block: int = 256
     #: queries before it get no mass (zero rows): the oracle needs only the answer's queries.
     query_start: int = 0
+    #: how the (label layer, head) attention distributions combine: "mean" or "max".
+    head_reduce: str = "mean"
 
     def __post_init__(self):
         for name in ("chunk_size", "lookahead", "reactive_window", "query_block"):
@@ -58,6 +62,8 @@ class LabelConfig:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         if self.label_layers is not None:
             object.__setattr__(self, "label_layers", tuple(int(x) for x in self.label_layers))
+        if self.head_reduce not in ("mean", "max"):
+            raise ValueError(f"head_reduce must be 'mean' or 'max', got {self.head_reduce!r}")
 
     def selectable(self, t: int) -> range:
         """Selectable chunk indices at position ``t``: existing, not sink, not recent."""
@@ -72,8 +78,10 @@ def chunk_attention_mass(
     chunk_size: int,
     query_block: int = 256,
     query_start: int = 0,
+    reduce: str = "sum",
 ) -> torch.Tensor:
-    """Causal attention mass per query and chunk, summed over query heads.
+    """Causal attention mass per query and chunk, summed (or, ``reduce="max"``, maxed) over
+    query heads.
 
     Args:
         query: [H_q, S, D] post-RoPE queries of one sequence; key: [H_kv, S, D], H_q % H_kv == 0.
@@ -81,8 +89,11 @@ def chunk_attention_mass(
         query_start: rows of the queries before it stay zero (not computed).
 
     Returns:
-        float32 [S, ceil(S / chunk_size)]: ``Σ_h Σ_{s ∈ chunk j, s ≤ u} softmax_s(q_u·k_s)``.
+        float32 [S, ceil(S / chunk_size)]: ``Σ_h Σ_{s ∈ chunk j, s ≤ u} softmax_s(q_u·k_s)``
+        (``max_h`` in place of ``Σ_h`` with ``reduce="max"``).
     """
+    if reduce not in ("sum", "max"):
+        raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
     h_q, s, d = query.shape
     h_kv = key.shape[0]
     if h_q % h_kv:
@@ -98,9 +109,11 @@ def chunk_attention_mass(
         logits = torch.einsum("hgbd,hsd->hgbs", q[:, :, start:stop], k[:, :kv_len]) * scaling
         u = torch.arange(start, stop, device=query.device)[:, None]
         logits.masked_fill_(torch.arange(kv_len, device=query.device)[None, :] > u, float("-inf"))
-        p = torch.softmax(logits, dim=-1).sum((0, 1))  # [b, kv_len]
+        p = torch.softmax(logits, dim=-1)  # [H_kv, g, b, kv_len]
         pad = (-kv_len) % chunk_size
-        p = torch.nn.functional.pad(p, (0, pad)).view(stop - start, -1, chunk_size).sum(-1)
+        p = torch.nn.functional.pad(p, (0, pad)).view(h_kv, g, stop - start, -1, chunk_size)
+        p = p.sum(-1)  # [H_kv, g, b, chunks]: each head's mass per chunk, then across heads
+        p = p.sum((0, 1)) if reduce == "sum" else p.amax((0, 1))
         out[start:stop, : p.shape[1]] += p
     return out
 
@@ -109,7 +122,8 @@ class AttentionRecorder:
     """Collects, during one forward pass of a Hugging Face decoder (batch 1):
 
     - ``mass``: [S, n_chunks] attention mass summed over the label layers and their heads,
-    - ``n_terms``: how many (layer, head) distributions were summed (rows of ``mass`` sum to it),
+    - ``n_terms``: how many (layer, head) distributions were summed (rows of ``mass`` sum to it;
+      1 with ``head_reduce="max"``, whose rows are not normalised),
     - ``hidden[layer]``: [S, hidden] attention inputs of the target layers,
     - ``keys[layer]``: [H_kv, S, D] post-RoPE keys of the target layers.
 
@@ -145,6 +159,14 @@ class AttentionRecorder:
             self.keys[layer] = key[0].detach().float().clone()
         if layer in self.label_layers:
             cfg = self.config
+            if cfg.head_reduce == "max":  # the strongest head of any label layer; rows unscaled
+                m = chunk_attention_mass(
+                    query[0], key[0], scaling, cfg.chunk_size, cfg.query_block, cfg.query_start,
+                    reduce="max",
+                )  # fmt: skip
+                self.mass = m if self.mass is None else torch.maximum(self.mass, m)
+                self.n_terms = 1
+                return
             m = chunk_attention_mass(
                 query[0], key[0], scaling, cfg.chunk_size, cfg.query_block, cfg.query_start
             )
@@ -243,7 +265,7 @@ class Targets:
 def lookahead_targets(mass: torch.Tensor, n_terms: int, positions, config: LabelConfig) -> Targets:
     """Targets at ``positions`` from ``mass`` [S, n_chunks] (see the module docstring)."""
     s = mass.shape[0]
-    a = mass.float() / n_terms  # rows sum to 1
+    a = mass.float() / n_terms  # rows sum to 1 (head_reduce="mean")
     cum = torch.cat([torch.zeros(1, a.shape[1]), a.cumsum(0)], 0)  # cum[u] = Σ_{<u}
     rows_i, rows_t, rows_r, ptr, n_list, sel_mass, pos_list = [], [], [], [0], [], [], []
     for t in positions:

@@ -11,6 +11,7 @@ Per target layer ``L`` (one independent pair of towers each)::
         f  = [mean, min, max] over the chunk's tokens of the keys with the backbone's RoPE undone
         k  = hadamard(rope_last(RMSNorm(w_k(f)), chunk_start))      # [d], one key per chunk
     logit_j = sum_h w_h * relu(q_h . k_j) + bias ;  sigmoid(logit) = keep probability
+    (with ``prev_chunk``: relu(q_h . k_j) + gamma_h * relu(q_h . k_{j-1}) inside the sum)
 
 and the target layers' logits are ensembled with ``max`` (or ``mean``).
 
@@ -59,6 +60,9 @@ class IndexerConfig:
         derotate_keys: undo the backbone's RoPE before pooling (needs ``backbone_inv_freq``).
         backbone_rope_scaling: the backbone's cos/sin scaling (``attention_scaling``).
         backbone: free-form name of the backbone, for checks and reports.
+        prev_chunk: each head also scores a chunk by its predecessor's match, with a learned
+            per-head weight (``gamma``, starts at 0): a fact cut by a chunk border continues in
+            a chunk whose own tokens say nothing about the question.
     """
 
     hidden_size: int
@@ -76,6 +80,7 @@ class IndexerConfig:
     derotate_keys: bool = True
     backbone_rope_scaling: float = 1.0
     backbone: str = ""
+    prev_chunk: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -196,6 +201,8 @@ class _LayerIndexer(nn.Module):
         self.wk = nn.Linear(cfg.feature_dim, cfg.index_dim, bias=False)
         self.k_norm = nn.RMSNorm(cfg.index_dim, eps=1e-6)
         self.bias = nn.Parameter(torch.zeros(()))
+        if cfg.prev_chunk:
+            self.gamma = nn.Parameter(torch.zeros(cfg.n_heads))
 
 
 class LightningIndexer(nn.Module):
@@ -277,6 +284,8 @@ class LightningIndexer(nn.Module):
         q = rope_last(q, position, cfg.rope_dim, cfg.rope_theta) @ self.hadamard
         w = mod.weights_proj(x) * (cfg.index_dim**-0.5 * cfg.n_heads**-0.5)  # [B, H]
         s = torch.relu(torch.einsum("bhd,bnd->bnh", q, chunk_keys.to(q.dtype)))  # [B, n, H]
+        if cfg.prev_chunk:  # chunk j also scores by chunk j-1's match (chunk 0 has none)
+            s = s + mod.gamma * torch.nn.functional.pad(s, (0, 0, 1, 0))[:, :-1]
         return (s * w[:, None, :]).sum(-1) + mod.bias
 
     def ensemble(self, logits: list[torch.Tensor]) -> torch.Tensor:

@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ensemble", choices=("max", "mean"), default="mean")
     parser.add_argument("--key-fp8", action="store_true")
     parser.add_argument(
+        "--prev-chunk", action="store_true", help="heads also score a chunk by its predecessor"
+    )
+    parser.add_argument(
         "--answer-repeat",
         type=int,
         default=1,
@@ -95,6 +98,7 @@ def build_indexer(data: ShardData, args) -> LightningIndexer:
         rope_theta=args.rope_theta,
         ensemble=args.ensemble,
         key_fp8=args.key_fp8,
+        prev_chunk=args.prev_chunk,
         derotate_keys=True,
         backbone_rope_scaling=float(s["backbone_rope_scaling"]),
         backbone=str(s["model"]),
