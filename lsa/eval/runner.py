@@ -299,7 +299,7 @@ def release_host_memory(device: torch.device) -> tuple[float, float]:
         return 0.0, 0.0
 
     def held() -> float:
-        return torch.cuda.host_memory_stats().get("reserved_bytes.current", 0) / 2**30
+        return torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) / 2**30
 
     before = held()
     # the public name only in newer torch; the private call behind it exists on CUDA builds
