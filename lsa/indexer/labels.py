@@ -159,19 +159,16 @@ class AttentionRecorder:
             self.keys[layer] = key[0].detach().float().clone()
         if layer in self.label_layers:
             cfg = self.config
-            if cfg.head_reduce == "max":  # the strongest head of any label layer; rows unscaled
-                m = chunk_attention_mass(
-                    query[0], key[0], scaling, cfg.chunk_size, cfg.query_block, cfg.query_start,
-                    reduce="max",
-                )  # fmt: skip
-                self.mass = m if self.mass is None else torch.maximum(self.mass, m)
-                self.n_terms = 1
-                return
+            top = cfg.head_reduce == "max"  # the strongest head of any label layer; rows unscaled
             m = chunk_attention_mass(
-                query[0], key[0], scaling, cfg.chunk_size, cfg.query_block, cfg.query_start
-            )
-            self.mass = m if self.mass is None else self.mass + m
-            self.n_terms += query.shape[1]
+                query[0], key[0], scaling, cfg.chunk_size, cfg.query_block, cfg.query_start,
+                reduce="max" if top else "sum",
+            )  # fmt: skip
+            if self.mass is None:
+                self.mass = m
+            else:
+                self.mass = torch.maximum(self.mass, m) if top else self.mass + m
+            self.n_terms = 1 if top else self.n_terms + query.shape[1]
 
     def __enter__(self) -> AttentionRecorder:
         _register_capture()
