@@ -15,7 +15,7 @@ from lsa.eval.kvpress_runner import prompt_digest
 from lsa.eval.oracle import OracleScorer, attention_mass
 from lsa.eval.runner import Sample, batches, left_pad, trim_answer
 from lsa.indexer import IndexerConfig, LightningIndexer
-from lsa.indexer.labels import LabelConfig, dense_row, lookahead_targets
+from lsa.indexer.labels import LabelConfig, dense_row, lookahead_targets, teacher_forced_pass
 from lsa.testing import tiny_decoder
 
 VOCAB = 96
@@ -178,6 +178,28 @@ def test_attention_mass_rows_sum_to_one_and_are_causal():
     assert torch.allclose(late[2 * CS + 3 :], a[2 * CS + 3 :], atol=1e-6)
 
 
+def test_attention_mass_head_max_is_the_strongest_head():
+    """oracle_max's mass: per chunk the largest probability of any layer's head (the targets of
+    ``lsa dump --label-reduce max``), so at least the mean over heads and not a distribution."""
+    model = tiny_llama()
+    ids = torch.randint(3, VOCAB, (1, 3 * CS + 5), generator=torch.Generator().manual_seed(1))
+    start = 2 * CS + 3
+    top = attention_mass(
+        model, ids, chunk_size=CS, query_block=7, query_start=start, head_reduce="max"
+    )
+    mean = attention_mass(model, ids, chunk_size=CS, query_block=7, query_start=start)
+    assert (top[:start] == 0).all()
+    assert (top[start:] >= mean[start:] - 1e-6).all()
+    assert (top[start:].sum(1) > 1 + 1e-3).all()
+    for u in range(start, top.shape[0]):
+        assert (top[u, u // CS + 1 :] == 0).all()  # causal
+    cfg = LabelConfig(chunk_size=CS, query_block=7, query_start=start, head_reduce="max")
+    rec = teacher_forced_pass(model, ids, (0,), cfg)
+    torch.testing.assert_close(top, rec.mass.float())
+    with pytest.raises(ValueError, match="head_reduce"):
+        attention_mass(model, ids, chunk_size=CS, head_reduce="median")
+
+
 # ---------------------------------------------------------------------------------------------
 # runner pieces
 
@@ -257,14 +279,14 @@ def test_the_prefill_answer_token_is_shared(run_twice):
 
 
 def test_oracle_at_full_budget_reproduces_dense():
-    # keeping every chunk, any scorer is exact: the oracle's answer is dense's, batched or not
+    # keeping every chunk, any scorer is exact: the oracles' answers are dense's, batched or not
     model = tiny_llama()
     samples = tiny_samples()[:3]
     recs = cli.evaluate(
         model,
         decode,
         samples,
-        methods=["dense", "oracle"],
+        methods=["dense", "oracle", "oracle_max"],
         budgets=[1.0],
         seed=0,
         batch_size=3,
@@ -272,6 +294,7 @@ def test_oracle_at_full_budget_reproduces_dense():
         refresh_every=TAU,
     )
     dense = {r["sample"]: r["new_ids"] for r in recs if r["method"] == "dense"}
+    assert sorted({r["method"] for r in recs}) == ["dense", "oracle", "oracle_max"]
     for r in recs:
         assert r["new_ids"] == dense[r["sample"]]
 
@@ -413,6 +436,7 @@ def args_for(**over):
 def test_check_args():
     args = args_for()
     assert cli.check_args(args) == ["dense", "oracle"]  # the oracle needs dense first
+    assert cli.check_args(args_for(methods=["oracle_max"])) == ["dense", "oracle_max"]
     args = args_for(tasks=["all"])
     cli.check_args(args)
     assert len(args.tasks) == 13
@@ -458,7 +482,7 @@ def test_shared_prefill_gives_the_records_of_separate_prefills():
     model = tiny_llama()
     samples = tiny_samples()
     kwargs = dict(
-        methods=["dense", "lsa", "lsa_successor", "recency", "random", "oracle"],
+        methods=["dense", "lsa", "lsa_successor", "recency", "random", "oracle", "oracle_max"],
         budgets=[0.3],
         seed=11,
         indexer=tiny_indexer(model),
@@ -470,5 +494,5 @@ def test_shared_prefill_gives_the_records_of_separate_prefills():
     shared = cli.evaluate(model, decode, samples, **kwargs)
     alone = cli.evaluate(model, decode, samples, share_prefill=False, **kwargs)
     key = lambda r: (r["method"], r["task"], r["sample"])  # noqa: E731
-    assert len(shared) == len(alone) == 6 * len(samples)
+    assert len(shared) == len(alone) == 7 * len(samples)
     assert sorted(strip_timing(shared), key=key) == sorted(strip_timing(alone), key=key)

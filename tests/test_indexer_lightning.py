@@ -187,6 +187,29 @@ def test_bad_config_is_refused():
         _config(ensemble="or")
     with pytest.raises(ValueError, match="target_layers"):
         _config(target_layers=())
+    for bad in ((), ("mean", "mean"), ("median",)):
+        with pytest.raises(ValueError, match="key_stats"):
+            _config(key_stats=bad)
+
+
+def test_key_stats_pick_the_pooled_statistics_the_key_tower_reads():
+    assert _config(key_stats=("max", "mean")).key_stats == ("mean", "max")  # canonical order
+    idx = _indexer(key_stats=("mean",))
+    block = 2 * 16  # kv_heads * kv_head_dim
+    assert idx.config.feature_dim == 3 * block  # the features keep all three (a dump's layout)
+    assert idx.layers["1"].wk.in_features == block
+    start = (torch.arange(3) * 8).expand(2, 3)
+    feats = torch.randn(2, 3, 3 * block)
+    other = feats.clone()
+    other[..., block:] = torch.randn(2, 3, 2 * block)  # new min and max, same mean
+    got = idx.encode_features(1, feats, start)
+    torch.testing.assert_close(idx.encode_features(1, other, start), got, rtol=0, atol=0)
+    # only the mean's columns are read: the mean block in every slot gives the same keys
+    want = idx.encode_features(1, torch.cat([feats[..., :block]] * 3, -1), start)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    changed = feats.clone()
+    changed[..., :block] += 1.0
+    assert not torch.equal(idx.encode_features(1, changed, start), got)
 
 
 # --- fp8 codec ---------------------------------------------------------------------------------
@@ -241,9 +264,13 @@ def test_fp8_keys_are_representable_and_pass_gradients():
 # --- save / load -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("prev_chunk", [False, True])
-def test_save_load_round_trip(tmp_path, prev_chunk):
-    idx = _indexer(key_fp8=True, prev_chunk=prev_chunk)
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"prev_chunk": True}, {"key_stats": ("min", "max")}],
+    ids=["base", "prev", "minmax"],
+)
+def test_save_load_round_trip(tmp_path, extra):
+    idx = _indexer(key_fp8=True, **extra)
     idx.save_pretrained(tmp_path)
     back = LightningIndexer.from_pretrained(tmp_path, hidden_size=48, target_layers=[1, 3])
     assert back.config == idx.config

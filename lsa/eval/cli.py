@@ -22,6 +22,7 @@ import json
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,7 +30,9 @@ import torch
 from lsa.eval.kvpress_runner import prompt_digest
 
 #: methods run here, through LSACache (all but dense) at the same settings
-LOCAL_METHODS = ("dense", "lsa", "lsa_successor", "recency", "random", "oracle")
+LOCAL_METHODS = ("dense", "lsa", "lsa_successor", "recency", "random", "oracle", "oracle_max")
+#: the oracles and how they reduce the heads of the dense answer's attention (lsa.eval.oracle)
+ORACLE_REDUCE = {"oracle": "mean", "oracle_max": "max"}
 #: methods that need the indexer (lsa_successor: its picks bring their next chunk, see
 #: lsa.indexer.successor)
 INDEXER_METHODS = ("lsa", "lsa_successor")
@@ -58,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=["dense", "lsa", "recency", "random"],
         choices=LOCAL_METHODS + KVPRESS_METHODS,
-        help="oracle needs dense (added if missing); kvpress methods need --kvpress-results",
+        help="oracle / oracle_max (mean / strongest head of the dense answer's attention) need "
+        "dense (added if missing); kvpress methods need --kvpress-results",
     )
     a("--seed", type=int, default=0, help="RULER data and Random scorer seed")
     a("--out", type=Path, required=True, help="output folder")
@@ -125,8 +129,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
         if not 0 < b <= 1:
             raise UsageError(f"--budget must be fractions in (0, 1], got {b}")
     methods = list(dict.fromkeys(args.methods))
-    if "oracle" in methods and "dense" not in methods:
-        methods.insert(0, "dense")  # the oracle reads the dense answer's attention
+    if set(methods) & set(ORACLE_REDUCE) and "dense" not in methods:
+        methods.insert(0, "dense")  # the oracles read the dense answer's attention
     wanted_press = [m for m in methods if m in KVPRESS_METHODS]
     if wanted_press and not args.kvpress_results and not args.prepare_only:
         raise UsageError(
@@ -325,7 +329,8 @@ def evaluate(
     device = next(model.parameters()).device
     records: list[dict] = []
     dense_new: dict[tuple[str, int], list[int]] = {}
-    masses: dict[tuple[str, int], torch.Tensor] = {}  # the oracle's A per sample of the batch
+    # the oracles' A per (oracle, task, sample) of the batch
+    masses: dict[tuple[str, str, int], torch.Tensor] = {}
     # batch by batch: one prefill per batch (shared unless share_prefill=False), then dense, then
     # every method at the first budget, then at the next
     runs = [("dense", None)] if "dense" in local else []
@@ -337,7 +342,9 @@ def evaluate(
         sink_chunks=sink_chunks,
         recent_chunks=recent_chunks,
     )
-    oracle = OracleScorer(chunk_size=chunk_size, lookahead=refresh_every)
+    oracles = {
+        m: OracleScorer(chunk_size=chunk_size, lookahead=refresh_every) for m in ORACLE_REDUCE
+    }
     scorers = {}
     for m, b in runs:
         if m == "lsa":
@@ -348,20 +355,24 @@ def evaluate(
             scorers[(m, b)] = RecencyScorer(chunk_size=chunk_size)
         elif m == "random":
             scorers[(m, b)] = RandomScorer(seed, chunk_size=chunk_size)
-        elif m == "oracle":
-            scorers[(m, b)] = oracle
+        elif m in ORACLE_REDUCE:
+            scorers[(m, b)] = oracles[m]
 
-    def oracle_masses(group) -> None:
+    def oracle_masses(method: str, group) -> None:
         # the teacher-forced mass of prompt + dense answer, once per sample whatever the budget
         for s in group:
-            key = (s.task, s.index)
+            key = (method, s.task, s.index)
             if key not in masses:
-                seq = list(s.input_ids) + dense_new[key]
+                seq = list(s.input_ids) + dense_new[(s.task, s.index)]
                 ids = torch.tensor([seq], dtype=torch.long, device=device)
                 masses[key] = attention_mass(
-                    model, ids, chunk_size=chunk_size, query_start=len(s.input_ids)
+                    model,
+                    ids,
+                    chunk_size=chunk_size,
+                    query_start=len(s.input_ids),
+                    head_reduce=ORACLE_REDUCE[method],
                 )
-        oracle.set_rows([masses[(s.task, s.index)] for s in group])
+        oracles[method].set_rows([masses[(method, s.task, s.index)] for s in group])
 
     groups = list(batches(samples, batch_size))
     try:
@@ -382,7 +393,7 @@ def evaluate(
                     settings=None if budget is None else replace(settings, budget=budget),
                     batch_size=len(group),
                     pad_id=pad_id,
-                    before_batch=oracle_masses if m == "oracle" else None,
+                    before_batch=partial(oracle_masses, m) if m in ORACLE_REDUCE else None,
                     trace_first=gi == 0 and budget in (None, budgets[0]),
                     progress=bar,
                     prefill=shared,

@@ -2,7 +2,9 @@
 
 The dense answer is generated first; then prompt + dense answer go through one teacher-forced
 forward (:func:`lsa.indexer.labels.teacher_forced_pass`) that records ``A[u, j]``, the attention
-probability query ``u`` puts on chunk ``j`` (mean over all layers and query heads). At a refresh
+probability query ``u`` puts on chunk ``j`` (mean over all layers and query heads; for the
+``oracle_max`` method of ``lsa eval``, ``head_reduce="max"``: the largest probability of any one
+layer's head, the targets of ``lsa dump --label-reduce max``). At a refresh
 the cache selects for the queries that follow it: the refresh at position ``t`` (the last token in
 the cache) serves queries ``t + 1 … t + τ``, so the oracle's logit for chunk ``j`` is
 
@@ -33,9 +35,12 @@ def attention_mass(
     chunk_size: int,
     query_block: int | None = None,
     query_start: int = 0,
+    head_reduce: str = "mean",
 ) -> torch.Tensor:
     """``A`` [S, n_chunks] float32 on the CPU for one sequence ``[1, S]``: rows from
-    ``query_start`` on sum to 1, earlier rows are zero (not computed).
+    ``query_start`` on sum to 1 (``head_reduce="mean"``; with ``"max"`` each row holds the
+    strongest head's probability per chunk and is not normalised), earlier rows are zero (not
+    computed).
 
     ``query_block``: queries per attention block (memory ``~ 4 · H_q · block · S`` bytes); the
     default is 256 on the CPU and 2048 on CUDA, where per-call overhead dominates.
@@ -44,7 +49,12 @@ def attention_mass(
     """
     if query_block is None:
         query_block = 2048 if input_ids.device.type == "cuda" else 256
-    config = LabelConfig(chunk_size=chunk_size, query_block=query_block, query_start=query_start)
+    config = LabelConfig(
+        chunk_size=chunk_size,
+        query_block=query_block,
+        query_start=query_start,
+        head_reduce=head_reduce,
+    )
     rec = teacher_forced_pass(model, input_ids, (0,), config)
     return (rec.mass / rec.n_terms).float().cpu()
 

@@ -39,6 +39,8 @@ from torch import nn
 from lsa.indexer.codec import fake_quantize_fp8
 
 CONFIG_NAME = "indexer_config.json"
+#: the pooled statistics of a chunk's keys, in the order :func:`chunk_features` concatenates them
+KEY_STATS = ("mean", "min", "max")
 WEIGHTS_NAME = "indexer.safetensors"
 FORMAT_VERSION = 1
 
@@ -63,6 +65,8 @@ class IndexerConfig:
         prev_chunk: each head also scores a chunk by its predecessor's match, with a learned
             per-head weight (``gamma``, starts at 0): a fact cut by a chunk border continues in
             a chunk whose own tokens say nothing about the question.
+        key_stats: which pooled statistics of the chunk's keys the key tower reads (a subset of
+            ``KEY_STATS``, kept in that order; an ablation knob, all three by default).
     """
 
     hidden_size: int
@@ -81,6 +85,7 @@ class IndexerConfig:
     backbone_rope_scaling: float = 1.0
     backbone: str = ""
     prev_chunk: bool = False
+    key_stats: tuple[str, ...] = KEY_STATS
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -104,15 +109,21 @@ class IndexerConfig:
             raise ValueError(f"ensemble must be 'max' or 'mean', got {self.ensemble!r}")
         if self.kv_head_dim % 2:
             raise ValueError(f"kv_head_dim must be even, got {self.kv_head_dim}")
+        stats = tuple(self.key_stats)
+        if not stats or len(set(stats)) != len(stats) or not set(stats) <= set(KEY_STATS):
+            raise ValueError(f"key_stats must be distinct names from {KEY_STATS}, got {stats}")
+        object.__setattr__(self, "key_stats", tuple(x for x in KEY_STATS if x in stats))
 
     @property
     def feature_dim(self) -> int:
-        """Size of the pooled chunk statistics the key tower reads: 3 · kv_heads · kv_head_dim."""
-        return 3 * self.kv_heads * self.kv_head_dim
+        """Size of the pooled chunk statistics (:func:`chunk_features`, also what a dump
+        stores): ``len(KEY_STATS) · kv_heads · kv_head_dim``."""
+        return len(KEY_STATS) * self.kv_heads * self.kv_head_dim
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["target_layers"] = list(self.target_layers)
+        out["key_stats"] = list(self.key_stats)
         return out
 
     @classmethod
@@ -198,7 +209,8 @@ class _LayerIndexer(nn.Module):
         self.q_norm = nn.RMSNorm(cfg.q_rank, eps=1e-6)
         self.wq_b = nn.Linear(cfg.q_rank, cfg.n_heads * cfg.index_dim, bias=False)
         self.weights_proj = nn.Linear(cfg.hidden_size, cfg.n_heads, bias=False)
-        self.wk = nn.Linear(cfg.feature_dim, cfg.index_dim, bias=False)
+        stats_dim = len(cfg.key_stats) * cfg.kv_heads * cfg.kv_head_dim
+        self.wk = nn.Linear(stats_dim, cfg.index_dim, bias=False)
         self.k_norm = nn.RMSNorm(cfg.index_dim, eps=1e-6)
         self.bias = nn.Parameter(torch.zeros(()))
         if cfg.prev_chunk:
@@ -217,6 +229,12 @@ class LightningIndexer(nn.Module):
             {str(layer): _LayerIndexer(config) for layer in config.target_layers}
         )
         self.register_buffer("hadamard", hadamard_matrix(config.index_dim), persistent=False)
+        if config.key_stats != KEY_STATS:  # the columns of the pooled statistics the tower reads
+            block = config.kv_heads * config.kv_head_dim
+            cols = [KEY_STATS.index(x) * block + i for x in config.key_stats for i in range(block)]
+            self.register_buffer("stat_columns", torch.tensor(cols), persistent=False)
+        else:
+            self.stat_columns = None
         if config.derotate_keys:
             if backbone_inv_freq is None:
                 backbone_inv_freq = torch.zeros(config.kv_head_dim // 2)  # set by from_pretrained
@@ -260,6 +278,8 @@ class LightningIndexer(nn.Module):
         """Key tower from pooled statistics: [B, n, feature_dim] -> chunk keys [B, n, index_dim]."""
         cfg = self.config
         mod = self._layer(layer)
+        if self.stat_columns is not None:
+            features = features.index_select(-1, self.stat_columns)
         k = mod.k_norm(mod.wk(features.to(mod.wk.weight.dtype)))
         k = rope_last(k, chunk_start, cfg.rope_dim, cfg.rope_theta) @ self.hadamard
         if cfg.key_fp8:  # straight-through: the forward sees fp8 keys, gradients pass unchanged

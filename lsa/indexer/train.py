@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from lsa.indexer.data import Batch, ShardData
 from lsa.indexer.labels import oracle_positives
-from lsa.indexer.lightning import IndexerConfig, LightningIndexer
+from lsa.indexer.lightning import KEY_STATS, IndexerConfig, LightningIndexer
 from lsa.indexer.metrics import BUDGETS, baseline_scores, evaluate, format_table
 from lsa.reference.select import budget_count
 
@@ -55,6 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rope-theta", type=float, default=10000.0)
     parser.add_argument("--ensemble", choices=("max", "mean"), default="mean")
     parser.add_argument("--key-fp8", action="store_true")
+    parser.add_argument(
+        "--key-stats",
+        nargs="+",
+        choices=KEY_STATS,
+        default=list(KEY_STATS),
+        help="pooled statistics of the chunk's keys the key tower reads (ablation)",
+    )
     parser.add_argument(
         "--prev-chunk", action="store_true", help="heads also score a chunk by its predecessor"
     )
@@ -99,6 +106,7 @@ def build_indexer(data: ShardData, args) -> LightningIndexer:
         ensemble=args.ensemble,
         key_fp8=args.key_fp8,
         prev_chunk=args.prev_chunk,
+        key_stats=tuple(args.key_stats),
         derotate_keys=True,
         backbone_rope_scaling=float(s["backbone_rope_scaling"]),
         backbone=str(s["model"]),
