@@ -39,10 +39,10 @@ from torch import nn
 from lsa.indexer.codec import fake_quantize_fp8
 
 CONFIG_NAME = "indexer_config.json"
-#: the pooled statistics of a chunk's keys, in the order :func:`chunk_features` concatenates them
-KEY_STATS = ("mean", "min", "max")
 WEIGHTS_NAME = "indexer.safetensors"
 FORMAT_VERSION = 1
+#: the pooled statistics of a chunk's keys, in the order :func:`chunk_features` concatenates them
+KEY_STATS = ("mean", "min", "max")
 
 
 @dataclass(frozen=True)
