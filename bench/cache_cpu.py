@@ -20,8 +20,8 @@ import transformers
 from transformers import DynamicCache
 
 from lsa.cache import LSACache
-from lsa.cache.standin import ChunkMeanKeyScorer
 from lsa.models import load_model
+from lsa.scorers.mean_key import MeanKeyScorer
 
 
 @torch.no_grad()
@@ -51,7 +51,7 @@ def run(args) -> dict:
 
     model.set_attn_implementation("lsa")
     layers = tuple(int(x) for x in args.target_layers.split(","))
-    scorer = ChunkMeanKeyScorer(model, layers, args.chunk)
+    scorer = MeanKeyScorer(model, layers, args.chunk)
     cache = LSACache(model, scorer, budget=args.budget, refresh_every=args.tau)
     lsa_tokens, pre, dec = greedy(model, ids, cache, args.new)
     fp = cache.footprint()

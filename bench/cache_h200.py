@@ -41,8 +41,8 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 import lsa
 from bench.common import time_call, write_results
 from lsa.cache import LSACache
-from lsa.cache.standin import ChunkMeanKeyScorer
 from lsa.cache.zero_copy import zero_copy_unavailable
+from lsa.scorers.mean_key import MeanKeyScorer
 
 # Llama-3-8B layer shapes; --small shrinks them for a CPU smoke run of this script.
 SHAPES = {"hidden": 4096, "mlp": 14336, "heads": 32, "kv_heads": 8, "head_dim": 128}
@@ -169,7 +169,7 @@ def run_length(model, length: int, args, bench: Bench) -> dict:
     # LSA: the cache with the stand-in scorer at the last layer, default decode backend.
     model.set_attn_implementation("lsa")
     base = bench.reset_peak()
-    scorer = ChunkMeanKeyScorer(model, (args.layers - 1,), args.chunk)
+    scorer = MeanKeyScorer(model, (args.layers - 1,), args.chunk)
     cache = LSACache(
         model,
         scorer,

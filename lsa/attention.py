@@ -18,7 +18,7 @@ from lsa._validation import (
 )
 from lsa.backends import resolve_backend, resolve_reserve_backend
 from lsa.reference.dense import reference_dense_attention
-from lsa.reference.select import select_chunks
+from lsa.reference.select import RECENT_CHUNKS, SINK_CHUNKS, select_chunks
 
 
 def dense_attention(
@@ -57,8 +57,8 @@ def sparse_attention(
     budget: int | float | None = None,
     threshold: float | None = None,
     chunk_size: int = 64,
-    sink_chunks: int = 1,
-    recent_chunks: int = 1,
+    sink_chunks: int = SINK_CHUNKS,
+    recent_chunks: int = RECENT_CHUNKS,
     causal: bool = True,
     scale: float | None = None,
     enable_gqa: bool = False,

@@ -5,8 +5,8 @@ The main job of the project, small enough for a CPU: a few RULER samples (defaul
 
 - ``dense``: SDPA attention with a ``DynamicCache`` (every KV token on the device);
 - ``lsa``: :class:`lsa.LSACache` with the shipped SmolLM2 indexer;
-- ``recency`` / ``random``: the same cache with :class:`lsa.eval.baselines.RecencyScorer` /
-  :class:`lsa.eval.baselines.RandomScorer` at the same budget.
+- ``recency`` / ``random``: the same cache with :class:`lsa.scorers.RecencyScorer` /
+  :class:`lsa.scorers.RandomScorer` at the same budget.
 
 It prints one markdown table: RULER's own metric for the task, the KV held on the device as a
 fraction of dense (:meth:`lsa.LSACache.footprint`, at the end of each request) and decode tokens
@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 import lsa
+from lsa.reference.select import RECENT_CHUNKS, SINK_CHUNKS
 
 #: what the RULER demo needs, as (importable module, the command that installs it)
 REQUIREMENTS = (
@@ -62,10 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="RULER data and Random scorer seed")
     parser.add_argument(
-        "--sink-chunks", type=int, default=1, help="first chunks always kept (default 1)"
+        "--sink-chunks", type=int, default=SINK_CHUNKS, help="first chunks always kept"
     )
     parser.add_argument(
-        "--recent-chunks", type=int, default=1, help="last chunks always kept (default 1)"
+        "--recent-chunks", type=int, default=RECENT_CHUNKS, help="last chunks always kept"
     )
     parser.add_argument(
         "--max-new-tokens",

@@ -19,8 +19,8 @@ from transformers import (
 import lsa
 from lsa.cache import LSACache
 from lsa.cache.model import cache_kwarg
-from lsa.cache.standin import ChunkMeanKeyScorer
 from lsa.reference.select import budget_count, forced_chunks
+from lsa.scorers.mean_key import MeanKeyScorer
 from lsa.testing import TINY_DECODER
 
 VOCAB = 128
@@ -96,7 +96,7 @@ def lsa_model(factory=tiny_llama):
 
 def make_cache(model, *, target_layers=(1,), chunk_size=16, **kw) -> LSACache:
     kw.setdefault("refresh_every", 8)
-    scorer = ChunkMeanKeyScorer(model, target_layers, chunk_size)
+    scorer = MeanKeyScorer(model, target_layers, chunk_size)
     return LSACache(model, scorer, **kw)
 
 
@@ -380,7 +380,7 @@ def test_smollm2_full_budget_is_token_identical_to_dynamic_cache():
     )
     ref_seq, ref_logits = generate(model, ids, None, DynamicCache(), 24)
     model.set_attn_implementation("lsa")
-    cache = LSACache(model, ChunkMeanKeyScorer(model, (10, 20), 64), budget=1.0, refresh_every=8)
+    cache = LSACache(model, MeanKeyScorer(model, (10, 20), 64), budget=1.0, refresh_every=8)
     seq, logits = generate(model, ids, None, cache, 24)
     assert torch.equal(seq, ref_seq)
     torch.testing.assert_close(logits, ref_logits, atol=1e-3, rtol=1e-3)
@@ -389,7 +389,7 @@ def test_smollm2_full_budget_is_token_identical_to_dynamic_cache():
 
 def test_lightning_indexer_drives_the_cache():
     """The real ChunkScorer (randomly initialised): the cache consumes it without adapters."""
-    lightning = pytest.importorskip("lsa.indexer.lightning")
+    lightning = pytest.importorskip("lsa.scorers.lightning")
     model = lsa_model()
     config = lightning.IndexerConfig(
         hidden_size=64,

@@ -15,7 +15,7 @@ from transformers import (
 )
 
 from lsa.cache import LSACache
-from lsa.cache.standin import ChunkMeanKeyScorer
+from lsa.scorers.mean_key import MeanKeyScorer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -32,7 +32,7 @@ def model() -> LlamaForCausalLM:
 
 
 def scorer(model, layers=(1,), chunk_size=16):
-    return ChunkMeanKeyScorer(model, layers, chunk_size)
+    return MeanKeyScorer(model, layers, chunk_size)
 
 
 def test_sliding_window_model_is_refused():
@@ -163,7 +163,7 @@ def test_beam_search_is_refused(model):
 
 
 def test_lightning_indexer_for_another_model_is_refused(model):
-    lightning = pytest.importorskip("lsa.indexer.lightning")
+    lightning = pytest.importorskip("lsa.scorers.lightning")
     config = lightning.IndexerConfig(
         hidden_size=64,
         kv_heads=3,

@@ -10,8 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lsa
 from lsa.__main__ import main
-from lsa.eval.baselines import RandomScorer, RecencyScorer
-from lsa.indexer.scorer import ChunkScorer
+from lsa.scorers import RandomScorer, RecencyScorer
+from lsa.scorers.contract import ChunkScorer
 from lsa.testing import tiny_decoder
 
 VOCAB = 128

@@ -12,10 +12,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lsa.eval import cli, report
 from lsa.eval.kvpress_runner import prompt_digest
-from lsa.eval.oracle import OracleScorer, attention_mass
 from lsa.eval.runner import Sample, batches, left_pad, trim_answer
-from lsa.indexer import IndexerConfig, LightningIndexer
 from lsa.indexer.labels import LabelConfig, dense_row, lookahead_targets, teacher_forced_pass
+from lsa.scorers import IndexerConfig, LightningIndexer
+from lsa.scorers.oracle import OracleScorer, attention_mass
 from lsa.testing import tiny_decoder
 
 VOCAB = 96

@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from lsa.indexer import ChunkScorer, IndexerConfig, LightningIndexer, decode_fp8, encode_fp8
+from lsa.indexer import decode_fp8, encode_fp8
 from lsa.indexer.codec import fake_quantize_fp8
-from lsa.indexer.lightning import CONFIG_NAME, WEIGHTS_NAME, chunk_features, hadamard_matrix
+from lsa.scorers import ChunkScorer, IndexerConfig, LightningIndexer
+from lsa.scorers.lightning import CONFIG_NAME, WEIGHTS_NAME, chunk_features, hadamard_matrix
 
 
 def _config(**kw):

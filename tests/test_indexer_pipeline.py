@@ -10,8 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lsa.models
 from lsa.__main__ import main
-from lsa.indexer import LightningIndexer
 from lsa.indexer.data import ShardData
+from lsa.scorers import LightningIndexer
 from lsa.testing import tiny_decoder
 
 DUMP_ARGS = [

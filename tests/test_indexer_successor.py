@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import lsa
-from lsa.eval.baselines import RecencyScorer
-from lsa.indexer.successor import SuccessorScorer
+from lsa.scorers import RecencyScorer
+from lsa.scorers.successor import SuccessorScorer
 
 
 class FixedScorer:

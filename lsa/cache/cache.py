@@ -60,7 +60,8 @@ from lsa.cache.residency import Residency
 from lsa.cache.zero_copy import zero_copy_unavailable
 from lsa.compiled.compact import prefix_attention, prefix_mask, visible_attention
 from lsa.compiled.flex import FlexPlan, flex_attend, flex_supports, reserve_block_mask, use_fold
-from lsa.indexer.scorer import ChunkScorer
+from lsa.reference.select import RECENT_CHUNKS, SINK_CHUNKS
+from lsa.scorers.contract import ChunkScorer
 
 #: what ``LSACache(backend=...)`` accepts: the compact path plus reserve_attention's backends
 CACHE_BACKENDS = ("compact", *BACKENDS)
@@ -82,7 +83,7 @@ class LSACache(Residency, Cache):
         model: the decoder (``*ForCausalLM``); its config must have full attention in every layer.
             The model itself (not only its config) is needed to capture, with forward pre-hooks,
             the attention input at the scorer's target layers.
-        scorer: a :class:`lsa.indexer.scorer.ChunkScorer` (required; there is no default).
+        scorer: a :class:`lsa.scorers.ChunkScorer` (required; there is no default).
         budget: chunks kept per row among its completed chunks: an int count or a fraction in
             (0, 1] (rounded up), sink and recent included, as in :func:`lsa.select_chunks`.
         threshold: keep chunks whose logit exceeds it (capped by ``budget`` when both are given).
@@ -112,8 +113,8 @@ class LSACache(Residency, Cache):
         threshold: float | None = None,
         refresh_every: int = 64,
         chunk_size: int | None = None,
-        sink_chunks: int = 1,
-        recent_chunks: int = 1,
+        sink_chunks: int = SINK_CHUNKS,
+        recent_chunks: int = RECENT_CHUNKS,
         device: torch.device | str | None = None,
         host_device: torch.device | str = "cpu",
         backend: str = "auto",
@@ -196,7 +197,7 @@ class LSACache(Residency, Cache):
     def _check_scorer(scorer: object, config, n_layers: int) -> None:
         if not isinstance(scorer, ChunkScorer):
             raise TypeError(
-                "scorer must implement lsa.indexer.scorer.ChunkScorer (chunk_size, target_layers, "
+                "scorer must implement lsa.scorers.ChunkScorer (chunk_size, target_layers, "
                 f"encode_chunks, score), got {type(scorer).__name__}"
             )
         layers = tuple(scorer.target_layers)

@@ -28,13 +28,14 @@ from pathlib import Path
 import torch
 
 from lsa.eval.kvpress_runner import prompt_digest
+from lsa.reference.select import RECENT_CHUNKS, SINK_CHUNKS
 
 #: methods run here, through LSACache (all but dense) at the same settings
 LOCAL_METHODS = ("dense", "lsa", "lsa_successor", "recency", "random", "oracle", "oracle_max")
-#: the oracles and how they reduce the heads of the dense answer's attention (lsa.eval.oracle)
+#: the oracles and how they reduce the heads of the dense answer's attention (lsa.scorers.oracle)
 ORACLE_REDUCE = {"oracle": "mean", "oracle_max": "max"}
 #: methods that need the indexer (lsa_successor: its picks bring their next chunk, see
-#: lsa.indexer.successor)
+#: lsa.scorers.successor)
 INDEXER_METHODS = ("lsa", "lsa_successor")
 #: methods read from a kvpress results file (:mod:`lsa.eval.kvpress_runner`)
 KVPRESS_METHODS = ("snapkv", "streamingllm", "expected_attention")
@@ -80,8 +81,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a("--chunk-size", type=int, default=64, help="tokens per chunk (must match the indexer)")
     a("--refresh-every", type=int, default=64, help="τ, decode steps between refreshes")
-    a("--sink-chunks", type=int, default=1, help="first chunks always kept (inside the budget)")
-    a("--recent-chunks", type=int, default=2, help="last chunks always kept (inside the budget)")
+    a(
+        "--sink-chunks",
+        type=int,
+        default=SINK_CHUNKS,
+        help=f"first chunks always kept, inside the budget (default {SINK_CHUNKS})",
+    )
+    a(
+        "--recent-chunks",
+        type=int,
+        default=RECENT_CHUNKS,
+        help=f"newest completed chunks always kept, inside the budget (default {RECENT_CHUNKS}; "
+        "the README's tables used 2)",
+    )
     a("--max-new-tokens", type=int, default=0, help="cap on RULER's tokens_to_generate (0 = none)")
     a("--kvpress-results", type=Path, nargs="+", default=[], help="kvpress_runner outputs to merge")
     a(
@@ -295,8 +307,8 @@ def evaluate(
     pad_id: int = 0,
     chunk_size: int = 64,
     refresh_every: int = 64,
-    sink_chunks: int = 1,
-    recent_chunks: int = 2,
+    sink_chunks: int = SINK_CHUNKS,
+    recent_chunks: int = RECENT_CHUNKS,
     checkpoint=None,
     share_prefill: bool = True,
 ) -> list[dict]:
@@ -309,8 +321,6 @@ def evaluate(
     finished)."""
     from tqdm.auto import tqdm
 
-    from lsa.eval.baselines import RandomScorer, RecencyScorer
-    from lsa.eval.oracle import OracleScorer, attention_mass
     from lsa.eval.prefill import prefill_batch
     from lsa.eval.runner import (
         CacheSettings,
@@ -319,7 +329,9 @@ def evaluate(
         release_host_memory,
         run_method,
     )
-    from lsa.indexer.successor import SuccessorScorer
+    from lsa.scorers import RandomScorer, RecencyScorer
+    from lsa.scorers.oracle import OracleScorer, attention_mass
+    from lsa.scorers.successor import SuccessorScorer
 
     local = [m for m in methods if m in LOCAL_METHODS]
     if set(local) & set(INDEXER_METHODS) and indexer is None:

@@ -21,6 +21,7 @@ import lsa
 from lsa.cache.model import cache_kwarg
 from lsa.eval import ruler
 from lsa.eval.prefill import Prefill
+from lsa.reference.select import RECENT_CHUNKS, SINK_CHUNKS
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,8 @@ class CacheSettings:
     budget: float
     chunk_size: int = 64
     refresh_every: int = 64
-    sink_chunks: int = 1
-    recent_chunks: int = 2
+    sink_chunks: int = SINK_CHUNKS
+    recent_chunks: int = RECENT_CHUNKS
 
 
 class StepClock:

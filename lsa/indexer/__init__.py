@@ -1,14 +1,19 @@
-"""Memory indexers: the lightning-form dual encoder, lookahead labels, dump, training, metrics.
+"""Training the lightning memory indexer: lookahead labels, dump, training, metrics, weights.
 
+The indexer itself is a chunk scorer and lives with the others (:mod:`lsa.scorers.lightning`).
 ``python -m lsa dump`` and ``python -m lsa train`` live in :mod:`lsa.indexer.dump` and
 :mod:`lsa.indexer.train`; ``lsa/indexer/README.md`` says how the shipped weights were made.
 """
 
+from __future__ import annotations
+
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lsa.indexer.codec import decode_fp8, encode_fp8
-from lsa.indexer.lightning import IndexerConfig, LightningIndexer
-from lsa.indexer.scorer import ChunkScorer
+
+if TYPE_CHECKING:
+    from lsa.scorers.lightning import LightningIndexer
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -28,6 +33,7 @@ def load_indexer(name_or_dir: str | Path, **expect) -> LightningIndexer:
     :meth:`LightningIndexer.from_pretrained`), e.g. ``hidden_size=model.config.hidden_size``.
     """
     from lsa.models import ALIASES
+    from lsa.scorers.lightning import LightningIndexer
 
     name = ALIASES.get(str(name_or_dir), str(name_or_dir))
     path = WEIGHTS_DIR / name
@@ -40,12 +46,4 @@ def load_indexer(name_or_dir: str | Path, **expect) -> LightningIndexer:
     return LightningIndexer.from_pretrained(path, **expect)
 
 
-__all__ = [
-    "ChunkScorer",
-    "IndexerConfig",
-    "LightningIndexer",
-    "decode_fp8",
-    "encode_fp8",
-    "load_indexer",
-    "shipped_indexers",
-]
+__all__ = ["decode_fp8", "encode_fp8", "load_indexer", "shipped_indexers"]

@@ -5,7 +5,7 @@ indexer needs at sampled positions ``t`` — and nothing else, so training never
 
 - ``hidden.{L}`` [N, hidden]: the attention input of target layer ``L`` at ``t`` (query tower);
 - ``features.{L}`` [C, 3·H_kv·D]: pooled statistics of each whole chunk's keys of layer ``L``
-  (key tower input, :func:`lsa.indexer.lightning.chunk_features`), ``doc_chunk_ptr`` [docs+1];
+  (key tower input, :func:`lsa.scorers.lightning.chunk_features`), ``doc_chunk_ptr`` [docs+1];
 - ``position``, ``sample_doc``, ``is_answer``, ``n_chunks`` [N];
 - lookahead labels in CSR form: ``label_ptr`` [N+1], ``label_index``, ``label_target`` (graded,
   normalised), ``label_reactive`` (SnapKV-style), ``selectable_mass`` [N]
@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 
 from lsa.indexer.labels import LabelConfig, lookahead_targets, teacher_forced_pass
-from lsa.indexer.lightning import chunk_features
+from lsa.reference.select import RECENT_CHUNKS, SINK_CHUNKS
+from lsa.scorers.lightning import chunk_features
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
@@ -53,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--lookahead", type=int, default=64, help="τ, decode steps per refresh")
-    parser.add_argument("--sink-chunks", type=int, default=1)
-    parser.add_argument("--recent-chunks", type=int, default=2)
+    parser.add_argument("--sink-chunks", type=int, default=SINK_CHUNKS)
+    parser.add_argument("--recent-chunks", type=int, default=RECENT_CHUNKS)
     parser.add_argument("--stride", type=int, default=64, help="sample every stride-th position")
     parser.add_argument("--min-position", type=int, default=1024, help="first sampled position")
     parser.add_argument("--max-length", type=int, default=8192, help="truncate documents")

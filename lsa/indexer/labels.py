@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lsa.reference.select import RECENT_CHUNKS, SINK_CHUNKS
+
 _IMPL = "lsa_label_capture"
 
 
@@ -38,8 +40,8 @@ class LabelConfig:
 
     chunk_size: int = 64
     lookahead: int = 64
-    sink_chunks: int = 1
-    recent_chunks: int = 2
+    sink_chunks: int = SINK_CHUNKS
+    recent_chunks: int = RECENT_CHUNKS
     #: decoder layers whose attention is aggregated; ``None`` = all layers.
     label_layers: tuple[int, ...] | None = None
     #: SnapKV-style window: the last ``reactive_window`` queries up to ``t``.

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from lsa.reference.select import select_chunks
+from lsa.reference.select import RECENT_CHUNKS, SINK_CHUNKS, select_chunks
 
 BUDGETS = (0.1, 0.2)
 
@@ -71,8 +71,8 @@ def evaluate(
     selectable: list[torch.Tensor],
     *,
     budgets=BUDGETS,
-    sink_chunks: int = 1,
-    recent_chunks: int = 2,
+    sink_chunks: int = SINK_CHUNKS,
+    recent_chunks: int = RECENT_CHUNKS,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """``{method: {budget: {coverage, overlap, ndcg, n, skipped}}}`` over all positions."""
     out: dict[str, dict[str, dict[str, float]]] = {}

@@ -26,7 +26,7 @@ from pathlib import Path
 PRESETS: dict[str, dict[str, list[str]]] = {
     "qwen2.5-coder-0.5b": {
         "dump": [
-            "--target-layers", "6", "12", "18",
+            "--target-layers", "6", "12", "18", "--recent-chunks", "2",
             "--stride", "64", "--min-position", "1024", "--max-length", "16640",
             "--docs-per-shard", "8", "--query-block", "1024", "--chat-template",
         ],

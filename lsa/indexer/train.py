@@ -34,9 +34,9 @@ import torch.nn.functional as F
 
 from lsa.indexer.data import Batch, ShardData
 from lsa.indexer.labels import oracle_positives
-from lsa.indexer.lightning import KEY_STATS, IndexerConfig, LightningIndexer
 from lsa.indexer.metrics import BUDGETS, baseline_scores, evaluate, format_table
 from lsa.reference.select import budget_count
+from lsa.scorers.lightning import KEY_STATS, IndexerConfig, LightningIndexer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

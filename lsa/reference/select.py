@@ -10,6 +10,11 @@ import torch
 
 from lsa._validation import check_budget, check_int, check_scores_finite
 
+#: the defaults of every ``sink_chunks`` / ``recent_chunks`` in lsa (API, cache, eval, labels):
+#: the first chunk (attention sinks) and the newest completed one are always resident
+SINK_CHUNKS = 1
+RECENT_CHUNKS = 1
+
 
 def budget_count(budget: int | float, n_chunks: int) -> int:
     """Chunks a budget allows: an int count as is (capped at n_chunks), a fraction rounded up.
@@ -36,8 +41,8 @@ def select_chunks(
     *,
     budget: int | float | None = None,
     threshold: float | None = None,
-    sink_chunks: int = 1,
-    recent_chunks: int = 1,
+    sink_chunks: int = SINK_CHUNKS,
+    recent_chunks: int = RECENT_CHUNKS,
 ) -> torch.Tensor:
     """Turn chunk scores into a keep mask (True = resident).
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from lsa.indexer.scorer import ChunkScorer
+from lsa.scorers.contract import ChunkScorer
 
 
 class SuccessorScorer:
-    """A :class:`~lsa.indexer.scorer.ChunkScorer` around ``inner``: same chunk keys, logits
+    """A :class:`~lsa.scorers.ChunkScorer` around ``inner``: same chunk keys, logits
     smoothed forward by one chunk (module docstring)."""
 
     def __init__(self, inner: ChunkScorer) -> None:

@@ -1,4 +1,5 @@
-"""The contract between a memory indexer and the cache that consults it.
+"""The contract between a chunk scorer (a memory indexer or a baseline) and the cache that
+consults it.
 
 The cache (``lsa.cache``) knows nothing about how an indexer works; it only calls these methods.
 Chunk keys are computed once per completed chunk from the keys the cache already holds, kept on
@@ -7,6 +8,8 @@ the device (they are small), and scored every ``refresh_every`` decode steps.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from numbers import Integral
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -51,3 +54,24 @@ class ChunkScorer(Protocol):
             chunk_keys: per target layer, [B, n, key_dim] from :meth:`encode_chunks`.
         """
         ...
+
+
+def check_scorer_settings(chunk_size: object, target_layers: object) -> tuple[int, tuple[int, ...]]:
+    """Validate the two settings every scorer declares; returns them as (int, tuple of ints)."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, Integral):
+        raise TypeError(
+            f"chunk_size must be an int, got {type(chunk_size).__name__} {chunk_size!r}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if isinstance(target_layers, Integral) or not isinstance(target_layers, Iterable):
+        raise TypeError(
+            "target_layers must be a sequence of decoder layer indices, e.g. (7,) for one layer, "
+            f"got {type(target_layers).__name__} {target_layers!r}"
+        )
+    layers = tuple(target_layers)
+    if not layers or not all(
+        isinstance(i, Integral) and not isinstance(i, bool) and i >= 0 for i in layers
+    ):
+        raise ValueError(f"target_layers must be a non-empty tuple of ints >= 0, got {layers!r}")
+    return int(chunk_size), tuple(int(i) for i in layers)

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import torch
 
+from lsa._validation import check_int
 from lsa.indexer.labels import LabelConfig, teacher_forced_pass
+from lsa.scorers.contract import check_scorer_settings
 
 
 def attention_mass(
@@ -60,7 +62,7 @@ def attention_mass(
 
 
 class OracleScorer:
-    """A :class:`lsa.indexer.scorer.ChunkScorer` that reads the future from recorded attention.
+    """A :class:`lsa.scorers.ChunkScorer` that reads the future from recorded attention.
 
     Args:
         chunk_size: the cache's chunk size (the mass must be computed with the same one).
@@ -68,12 +70,8 @@ class OracleScorer:
     """
 
     def __init__(self, *, chunk_size: int = 64, lookahead: int = 64) -> None:
-        for name, value in (("chunk_size", chunk_size), ("lookahead", lookahead)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        self.chunk_size = chunk_size
-        self.lookahead = lookahead
-        self.target_layers = (0,)
+        self.chunk_size, self.target_layers = check_scorer_settings(chunk_size, (0,))
+        self.lookahead = check_int("lookahead", lookahead, minimum=1)
         self._cum: list[torch.Tensor] = []
 
     def set_rows(self, masses: list[torch.Tensor]) -> None:

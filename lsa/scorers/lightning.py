@@ -22,7 +22,7 @@ queries of that layer can find in the chunk, and cost nothing to keep. A learned
 these statistics then feeds the same RoPE-at-chunk-start + Hadamard path as the original's
 compressed index keys, so ``q . k`` sees the distance between the query and the chunk.
 
-The module implements :class:`lsa.indexer.scorer.ChunkScorer`.
+The module implements :class:`lsa.scorers.ChunkScorer`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A stand-in :class:`~lsa.indexer.scorer.ChunkScorer` for tests: no training, never a default.
+"""A stand-in :class:`~lsa.scorers.ChunkScorer` for tests: no training, never a default.
 
 Chunk key = the mean of the chunk's cached (post-RoPE) keys, per KV head. Score = the largest,
 over query heads, of the scaled dot product between the layer's *real* query for the captured
@@ -11,21 +11,22 @@ from __future__ import annotations
 
 import torch
 
+from lsa.scorers.contract import check_scorer_settings
+
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
-class ChunkMeanKeyScorer:
+class MeanKeyScorer:
     """Mean-key scorer read from a transformers decoder (Llama/Qwen2-style attention)."""
 
     def __init__(
         self, model: torch.nn.Module, target_layers: tuple[int, ...] = (0,), chunk_size: int = 64
     ) -> None:
         config = model.config.get_text_config(decoder=True)
-        self.chunk_size = chunk_size
-        self.target_layers = tuple(target_layers)
+        self.chunk_size, self.target_layers = check_scorer_settings(chunk_size, target_layers)
         self.hidden_size = config.hidden_size
         self.head_dim = getattr(config, "head_dim", None) or (
             config.hidden_size // config.num_attention_heads
