@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import lsa.models
 from lsa.__main__ import main
 from lsa.indexer.data import ShardData
+from lsa.reference.select import RECENT_CHUNKS, SINK_CHUNKS
 from lsa.scorers import LightningIndexer
 from lsa.testing import tiny_decoder
 
@@ -66,7 +67,7 @@ def test_dump_writes_shards_and_manifest(setup):
         idx = t["label_index"][a:z]
         n_t = (int(t["position"][i]) + 1) // 16
         assert int(t["n_chunks"][i]) == n_t
-        assert idx.tolist() == list(range(1, n_t - 2))
+        assert idx.tolist() == list(range(SINK_CHUNKS, n_t - RECENT_CHUNKS))
         assert abs(float(t["label_target"][a:z].sum()) - 1) < 1e-5
     assert int(t["is_answer"].sum()) == 2  # one answer position per document
 

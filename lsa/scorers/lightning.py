@@ -28,19 +28,26 @@ The module implements :class:`lsa.scorers.ChunkScorer`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from numbers import Real
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lsa._validation import check_bool, check_int
 from lsa.indexer.codec import fake_quantize_fp8
 
 CONFIG_NAME = "indexer_config.json"
 WEIGHTS_NAME = "indexer.safetensors"
-FORMAT_VERSION = 1
+#: 2: ``indexer_config.json`` carries ``tensors_sha256`` (:func:`tensors_sha256`), checked on
+#: load; 1 (no checksum) still loads, with a warning.
+FORMAT_VERSION = 2
 #: the pooled statistics of a chunk's keys, in the order :func:`chunk_features` concatenates them
 KEY_STATS = ("mean", "min", "max")
 
@@ -89,30 +96,57 @@ class IndexerConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        object.__setattr__(self, "target_layers", tuple(int(x) for x in self.target_layers))
+        # Configs come from JSON files too: every field is checked for its kind (TypeError) and
+        # its value (ValueError), so "key_fp8": "no" or "rope_theta": "abc" never slip through.
+        # Values are stored as the checks return them (plain int / float / tuple), so that a
+        # numpy int or a list from JSON compares and saves like the Python value.
         for name in ("hidden_size", "kv_heads", "kv_head_dim", "chunk_size", "n_heads", "q_rank"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not self.target_layers or len(set(self.target_layers)) != len(self.target_layers):
-            raise ValueError(
-                f"target_layers must be non-empty and distinct, got {self.target_layers}"
-            )
-        d = self.index_dim
-        if not isinstance(d, int) or d < 2 or d & (d - 1):
-            raise ValueError(f"index_dim must be a power of two >= 2, got {d!r}")
-        if not isinstance(self.rope_dim, int) or self.rope_dim % 2 or not 0 <= self.rope_dim <= d:
-            raise ValueError(
-                f"rope_dim must be even and in [0, index_dim={d}], got {self.rope_dim}"
-            )
-        if self.ensemble not in ("max", "mean"):
-            raise ValueError(f"ensemble must be 'max' or 'mean', got {self.ensemble!r}")
+            object.__setattr__(self, name, check_int(name, getattr(self, name), minimum=1))
+        d = check_int("index_dim", self.index_dim, minimum=2)
+        if d & (d - 1):
+            raise ValueError(f"index_dim must be a power of two >= 2, got {d}")
+        rope_dim = check_int("rope_dim", self.rope_dim, minimum=0)
+        object.__setattr__(self, "index_dim", d)
+        object.__setattr__(self, "rope_dim", rope_dim)
+        if rope_dim % 2 or rope_dim > d:
+            raise ValueError(f"rope_dim must be even and in [0, index_dim={d}], got {rope_dim}")
         if self.kv_head_dim % 2:
             raise ValueError(f"kv_head_dim must be even, got {self.kv_head_dim}")
-        stats = tuple(self.key_stats)
+        layers = _check_sequence("target_layers", self.target_layers, "ints (decoder layers)")
+        layers = tuple(check_int(f"target_layers[{i}]", x, minimum=0) for i, x in enumerate(layers))
+        if not layers or len(set(layers)) != len(layers):
+            raise ValueError(f"target_layers must be non-empty and distinct, got {list(layers)}")
+        object.__setattr__(self, "target_layers", layers)
+        for name in ("rope_theta", "backbone_rope_scaling"):
+            object.__setattr__(self, name, _check_positive_float(name, getattr(self, name)))
+        for name in ("key_fp8", "derotate_keys", "prev_chunk"):
+            check_bool(name, getattr(self, name))
+        for name in ("ensemble", "backbone"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise TypeError(f"{name} must be a str, got {type(value).__name__} {value!r}")
+        if self.ensemble not in ("max", "mean"):
+            raise ValueError(f"ensemble must be 'max' or 'mean', got {self.ensemble!r}")
+        stats = _check_sequence("key_stats", self.key_stats, f"names from {KEY_STATS}")
+        for i, x in enumerate(stats):
+            if not isinstance(x, str):
+                raise TypeError(f"key_stats[{i}] must be a str, got {type(x).__name__} {x!r}")
         if not stats or len(set(stats)) != len(stats) or not set(stats) <= set(KEY_STATS):
-            raise ValueError(f"key_stats must be distinct names from {KEY_STATS}, got {stats}")
+            raise ValueError(
+                f"key_stats must be distinct names from {KEY_STATS}, got {list(stats)}"
+            )
         object.__setattr__(self, "key_stats", tuple(x for x in KEY_STATS if x in stats))
+        if not isinstance(self.extra, dict):
+            raise TypeError(f"extra must be a dict, got {type(self.extra).__name__} {self.extra!r}")
+        try:  # saved as JSON: what does not come back equal would change on a save/load
+            same = json.loads(json.dumps(self.extra, allow_nan=False)) == self.extra
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            raise ValueError(
+                f"extra must hold only JSON values under str keys (it is saved as JSON), "
+                f"got {self.extra!r}"
+            )
 
     @property
     def feature_dim(self) -> int:
@@ -128,11 +162,62 @@ class IndexerConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> IndexerConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict):
+            raise TypeError(f"indexer config must be a dict, got {type(data).__name__} {data!r}")
+        fields = dataclasses.fields(cls)
+        names = {f.name for f in fields}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"indexer config has unknown fields {unknown}; known: {sorted(names)}")
+        required = [
+            f.name
+            for f in fields
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise ValueError(f"indexer config lacks the required fields {missing}")
         return cls(**data)
+
+
+def _check_sequence(name: str, value: object, of: str) -> tuple:
+    """A list or tuple (a bare int or str is a mistake, not a one-element sequence)."""
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list of {of}, got {type(value).__name__} {value!r}")
+    return tuple(value)
+
+
+def _check_positive_float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(
+            f"{name} must be a number (float or int), got {type(value).__name__} {value!r}"
+        )
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """The checksum ``save_pretrained`` writes and ``from_pretrained`` checks: SHA-256 over the
+    tensors in sorted name order, each as a JSON line ``[name, dtype, shape]`` then its raw bytes
+    (C order, the machine's byte order). The line fixes the byte count, so the stream has one
+    reading; hashing the tensors rather than the file leaves the header's layout free."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        line = json.dumps([name, str(t.dtype).removeprefix("torch."), list(t.shape)])
+        h.update(line.encode() + b"\n")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or ±inf, sorted."""
+    return sorted(
+        name
+        for name, t in tensors.items()
+        if t.dtype.is_floating_point and not bool(torch.isfinite(t).all())
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,14 +419,26 @@ class LightningIndexer(nn.Module):
     # -- persistence ------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``indexer.safetensors`` and ``indexer_config.json`` into ``directory``."""
+        """Write ``indexer.safetensors`` and ``indexer_config.json`` (with the tensors' checksum,
+        :func:`tensors_sha256`) into ``directory``.
+
+        Raises:
+            ValueError: a weight holds NaN or ±inf (``from_pretrained`` would refuse the file).
+        """
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
+        bad = _non_finite(tensors)
+        if bad:
+            raise ValueError(f"cannot save an indexer with non-finite (NaN/inf) weights: {bad}")
+        directory.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "lsa-indexer"})
-        meta = {"format_version": FORMAT_VERSION, "config": self.config.to_dict()}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "tensors_sha256": tensors_sha256(tensors),
+            "config": self.config.to_dict(),
+        }
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         return directory
 
@@ -349,13 +446,17 @@ class LightningIndexer(nn.Module):
     def from_pretrained(cls, directory: str | Path, **expect) -> LightningIndexer:
         """Load an indexer saved by :meth:`save_pretrained`.
 
+        Format 2 files must carry ``tensors_sha256``; format 1 files (no checksum) load with a
+        warning. Non-finite weights are refused in both.
+
         Args:
             expect: config fields the caller requires (e.g. ``hidden_size=576``,
                 ``target_layers=(10, 20)``); any difference raises.
 
         Raises:
-            ValueError: missing files, an unknown format, a config that does not match
-                ``expect``, or weights whose names or shapes do not match the config.
+            ValueError: missing files, an unknown format, an invalid config or one that does not
+                match ``expect``, weights whose names or shapes do not match the config, whose
+                checksum does not match the config's, or that hold NaN or ±inf.
         """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -368,12 +469,35 @@ class LightningIndexer(nn.Module):
             meta = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
-        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        if not isinstance(meta, dict):
+            raise ValueError(f"{cfg_path} must hold a JSON object, got {type(meta).__name__}")
+        version = meta.get("format_version")
+        if type(version) is not int or version not in (1, FORMAT_VERSION):  # true == 1 in Python
             raise ValueError(
-                f"{cfg_path}: expected format_version {FORMAT_VERSION}, got "
-                f"{meta.get('format_version') if isinstance(meta, dict) else meta!r}"
+                f"{cfg_path}: expected format_version 1 or {FORMAT_VERSION}, got {version!r}"
             )
-        config = IndexerConfig.from_dict(meta.get("config", {}))
+        known = {"format_version", "config", "tensors_sha256"}
+        unknown = sorted(set(meta) - known)
+        if unknown or "config" not in meta:
+            raise ValueError(
+                f"{cfg_path} must hold the keys {sorted(known)} (tensors_sha256 from format 2 on), "
+                f"got {sorted(meta)}"
+            )
+        checksum = meta.get("tensors_sha256")
+        if checksum is None and version >= 2:
+            raise ValueError(f"{cfg_path}: format_version {version} needs tensors_sha256, absent")
+        if checksum is not None and (
+            not isinstance(checksum, str)
+            or len(checksum) != 64
+            or any(c not in "0123456789abcdef" for c in checksum)
+        ):
+            raise ValueError(
+                f"{cfg_path}: tensors_sha256 must be 64 lowercase hex digits, got {checksum!r}"
+            )
+        try:
+            config = IndexerConfig.from_dict(meta["config"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{cfg_path}: invalid indexer config: {e}") from e
         for key, want in expect.items():
             got = getattr(config, key, None)
             want = tuple(want) if key == "target_layers" else want
@@ -383,6 +507,18 @@ class LightningIndexer(nn.Module):
             tensors = load_file(str(w_path))
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{w_path} is not a readable safetensors file: {e}") from e
+        if checksum is None:
+            warnings.warn(
+                f"{cfg_path} is format_version 1 and carries no checksum of {w_path.name}: "
+                "corrupted weights are caught only if they turn non-finite; re-save it with "
+                "save_pretrained to add one",
+                stacklevel=2,
+            )
+        elif tensors_sha256(tensors) != checksum:
+            raise ValueError(
+                f"{w_path}: the weights do not match their config's checksum (tensors_sha256 in "
+                f"{cfg_path.name}): the file is corrupted or was changed after saving"
+            )
         model = cls(config)
         own = model.state_dict()
         missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
@@ -396,5 +532,8 @@ class LightningIndexer(nn.Module):
                     f"{w_path}: tensor {name!r} has shape {tuple(value.shape)}, the config needs "
                     f"{tuple(own[name].shape)}"
                 )
+        bad = _non_finite(tensors)
+        if bad:
+            raise ValueError(f"{w_path}: non-finite (NaN/inf) values in the tensors {bad}")
         model.load_state_dict(tensors)
         return model
