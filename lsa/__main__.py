@@ -1,14 +1,17 @@
 """Command line: ``python -m lsa {demo,dump,train,eval} ...``.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args)``;
-modules are imported only when their command runs, so ``--help`` stays fast.
+modules are imported only when their command runs, so ``--help`` stays fast. A bad command line
+(argparse's errors and every :class:`lsa.cli_errors.UsageError` a command raises, before it loads
+a model) ends as one line ``python -m lsa <command>: <what is wrong>`` on stderr and status 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
+
+from lsa.cli_errors import Parser, run_command
 
 COMMANDS = {
     "demo": ("lsa.demo", "SmolLM2 on RULER: dense vs lsa vs recency vs random (the main job)"),
@@ -28,7 +31,7 @@ def _available() -> dict[str, tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     commands = _available()
-    parser = argparse.ArgumentParser(prog="python -m lsa", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m lsa", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="{" + ",".join(commands) + "}"
     )
@@ -38,8 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     chosen = argv[0] if argv and argv[0] in commands else None
     if chosen is not None:
         importlib.import_module(commands[chosen][0]).add_arguments(parsers[chosen])
-    args = parser.parse_args(argv)
-    return int(importlib.import_module(commands[args.command][0]).run(args) or 0)
+
+    def parse_and_run() -> int | None:
+        args = parser.parse_args(argv)
+        return importlib.import_module(commands[args.command][0]).run(args)
+
+    return run_command("python -m lsa" + (f" {chosen}" if chosen else ""), parse_and_run)
 
 
 if __name__ == "__main__":

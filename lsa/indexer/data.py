@@ -10,6 +10,95 @@ import torch
 
 from lsa.indexer.dump import MANIFEST
 
+#: tensors every shard holds (besides ``hidden.{L}`` and ``features.{L}`` per target layer)
+SHARD_TENSORS = (
+    "position", "n_chunks", "is_answer", "selectable_mass", "sample_doc", "doc_chunk_ptr",
+    "label_ptr", "label_index", "label_target", "label_reactive",
+)  # fmt: skip
+
+
+class EmptySplit(ValueError):
+    """The dump holds no position of the split asked for (a small corpus may have no test)."""
+
+
+#: what a manifest's settings hold for training (besides much else), and its label settings
+MANIFEST_SETTINGS = (
+    "model", "hidden_size", "kv_heads", "kv_head_dim", "target_layers", "labels",
+    "backbone_inv_freq", "backbone_rope_scaling",
+)  # fmt: skip
+LABEL_SETTINGS = ("chunk_size", "sink_chunks", "recent_chunks")
+
+
+def _lacks(obj, keys) -> list[str] | str:
+    """The ``keys`` a JSON object lacks (all of them, as "everything", if it is no object)."""
+    return [k for k in keys if k not in obj] if isinstance(obj, dict) else "everything"
+
+
+def read_manifest(directory: Path) -> dict:
+    """A dump's manifest, its structure checked; ``ValueError`` says what is wrong with it."""
+    dump = "expected a folder written by `python -m lsa dump`"
+    if not directory.is_dir():
+        state = "is a file" if directory.exists() else "does not exist"
+        raise ValueError(f"{directory} {state}; {dump}")
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"{directory} holds no {MANIFEST}; {dump}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a JSON file ({err}); {dump}") from None
+    lacks = _lacks(manifest, ("settings", "shards"))
+    if not lacks:
+        lacks = [f"settings.{k}" for k in _lacks(manifest["settings"], MANIFEST_SETTINGS)]
+    if not lacks:
+        lacks = [
+            f"settings.labels.{k}" for k in _lacks(manifest["settings"]["labels"], LABEL_SETTINGS)
+        ]
+    if not lacks and not isinstance(manifest["shards"], list):
+        lacks = ["shards (a list)"]
+    if not lacks:
+        for i, shard in enumerate(manifest["shards"]):
+            lacks = [f"shards[{i}].{k}" for k in _lacks(shard, ("file", "docs"))]
+            if not lacks and not isinstance(shard["docs"], list):
+                lacks = [f"shards[{i}].docs (a list)"]
+            for j, doc in enumerate([] if lacks else shard["docs"]):
+                lacks = [f"shards[{i}].docs[{j}].{k}" for k in _lacks(doc, ("id", "split"))]
+                if lacks:
+                    break
+            if lacks:
+                break
+    if lacks:
+        raise ValueError(f"{path} is not a dump manifest: it lacks {lacks}; {dump}")
+    layers = manifest["settings"]["target_layers"]
+    if not (isinstance(layers, list) and layers and all(isinstance(x, int) for x in layers)):
+        raise ValueError(f"{path}: settings.target_layers must be a list of ints, got {layers!r}")
+    if not manifest["shards"]:
+        raise ValueError(f"{path} lists no shards (no document was dumped: all too short?)")
+    return manifest
+
+
+def read_shard(directory: Path, shard: dict, layers: list[int]) -> dict[str, torch.Tensor]:
+    """One shard's tensors, checked against the manifest's entry; ``ValueError`` if not."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = directory / shard["file"]
+    try:
+        t = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a readable safetensors shard: {err}") from None
+    needed = [*SHARD_TENSORS, *(f"{kind}.{la}" for la in layers for kind in ("hidden", "features"))]
+    missing = [k for k in needed if k not in t]
+    if missing:
+        raise ValueError(f"{path} lacks tensors {missing}")
+    n, docs = t["position"].numel(), len(shard["docs"])
+    if t["label_ptr"].numel() != n + 1 or t["doc_chunk_ptr"].numel() != docs + 1:
+        raise ValueError(
+            f"{path} does not match its manifest entry: {n} positions, {docs} documents, "
+            f"label_ptr {t['label_ptr'].numel()} and doc_chunk_ptr {t['doc_chunk_ptr'].numel()}"
+        )
+    return t
+
 
 @dataclass
 class Batch:
@@ -37,13 +126,16 @@ class Batch:
 
 
 class ShardData:
-    """All shards of a dump in memory, one split at a time (``split`` in train/val/test/None)."""
+    """All shards of a dump in memory, one split at a time (``split`` in train/val/test/None).
+
+    Raises:
+        EmptySplit: no position of ``split``.
+        ValueError: ``directory`` is no readable dump (the message says what is wrong).
+    """
 
     def __init__(self, directory: str | Path, split: str | None = None):
-        from safetensors.torch import load_file
-
         directory = Path(directory)
-        manifest = json.loads((directory / MANIFEST).read_text())
+        manifest = read_manifest(directory)
         self.settings = manifest["settings"]
         self.layers = [int(x) for x in self.settings["target_layers"]]
         lab = self.settings["labels"]
@@ -57,7 +149,7 @@ class ShardData:
         #: the manifest's entry of each kept document (id, split, length, task, bucket?).
         self.doc_meta: list[dict] = []
         for shard in manifest["shards"]:
-            t = load_file(str(directory / shard["file"]))
+            t = read_shard(directory, shard, self.layers)
             keep_doc = [split is None or d["split"] == split for d in shard["docs"]]
             doc_keep = torch.tensor(keep_doc, dtype=torch.bool)
             sample_keep = doc_keep[t["sample_doc"]]
@@ -99,7 +191,7 @@ class ShardData:
                 parts.setdefault(f"hidden.{layer}", []).append(t[f"hidden.{layer}"][idx])
             label_offset += int(lens.sum())
         if not parts or sum(len(p) for p in parts["position"]) == 0:
-            raise ValueError(f"{directory} has no positions in split {split!r}")
+            raise EmptySplit(f"{directory} has no positions in split {split!r}")
         cat = {k: torch.cat(v) for k, v in parts.items()}
         self.position, self.n_chunks = cat["position"], cat["n_chunks"]
         self.is_answer, self.selectable_mass = cat["is_answer"].bool(), cat["selectable_mass"]

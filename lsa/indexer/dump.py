@@ -36,34 +36,53 @@ from pathlib import Path
 
 import torch
 
+from lsa.cli_errors import (
+    COUNT,
+    NON_NEGATIVE,
+    SECONDS,
+    Number,
+    UsageError,
+    check_input_file,
+    check_output_dir,
+    device_option,
+)
 from lsa.indexer.labels import LabelConfig, lookahead_targets, teacher_forced_pass
 from lsa.reference.select import RECENT_CHUNKS, SINK_CHUNKS
 from lsa.scorers.lightning import chunk_features
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
+#: --val-frac / --test-frac: shares of the documents, in [0, 1)
+SHARE = Number(float, 0, 1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="'smollm2', 'qwen2.5-coder-0.5b' or a dir")
     parser.add_argument("--corpus", required=True, nargs="+", help="JSONL file(s)")
     parser.add_argument("--out", required=True, help="output directory (shards + manifest)")
-    parser.add_argument("--target-layers", type=int, nargs="+", required=True)
+    parser.add_argument("--target-layers", type=NON_NEGATIVE, nargs="+", required=True)
     parser.add_argument(
-        "--label-layers", type=int, nargs="*", default=None, help="default: all layers"
+        "--label-layers", type=NON_NEGATIVE, nargs="*", default=None, help="default: all layers"
     )
-    parser.add_argument("--chunk-size", type=int, default=64)
-    parser.add_argument("--lookahead", type=int, default=64, help="τ, decode steps per refresh")
-    parser.add_argument("--sink-chunks", type=int, default=SINK_CHUNKS)
-    parser.add_argument("--recent-chunks", type=int, default=RECENT_CHUNKS)
-    parser.add_argument("--stride", type=int, default=64, help="sample every stride-th position")
-    parser.add_argument("--min-position", type=int, default=1024, help="first sampled position")
-    parser.add_argument("--max-length", type=int, default=8192, help="truncate documents")
-    parser.add_argument("--docs-per-shard", type=int, default=4)
-    parser.add_argument("--max-docs", type=int, default=None)
-    parser.add_argument("--val-frac", type=float, default=0.15)
-    parser.add_argument("--test-frac", type=float, default=0.25)
-    parser.add_argument("--query-block", type=int, default=256)
+    parser.add_argument("--chunk-size", type=COUNT, default=64)
+    parser.add_argument("--lookahead", type=COUNT, default=64, help="τ, decode steps per refresh")
+    parser.add_argument("--sink-chunks", type=NON_NEGATIVE, default=SINK_CHUNKS)
+    parser.add_argument("--recent-chunks", type=NON_NEGATIVE, default=RECENT_CHUNKS)
+    parser.add_argument("--stride", type=COUNT, default=64, help="sample every stride-th position")
+    parser.add_argument(
+        "--min-position", type=NON_NEGATIVE, default=1024, help="first sampled position"
+    )
+    parser.add_argument(
+        "--max-length",
+        type=COUNT,
+        default=8192,
+        help="truncate documents (shorter than 2 chunks + 1 token, they are skipped)",
+    )
+    parser.add_argument("--docs-per-shard", type=COUNT, default=4)
+    parser.add_argument("--max-docs", type=COUNT, default=None)
+    parser.add_argument("--val-frac", type=SHARE, default=0.15, help="share of validation docs")
+    parser.add_argument("--test-frac", type=SHARE, default=0.25, help="share of test docs")
+    parser.add_argument("--query-block", type=COUNT, default=256)
     parser.add_argument(
         "--label-reduce",
         choices=("mean", "max"),
@@ -71,8 +90,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="combine the label layers' heads by their mean or by the strongest head",
     )
     parser.add_argument("--chat-template", action="store_true", help="wrap prompts as chat turns")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--threads", type=COUNT, default=None, help="torch threads")
+    parser.add_argument(
+        "--device", type=device_option, default=None, help="default: cuda if available, else cpu"
+    )
     parser.add_argument(
         "--dtype",
         choices=("float32", "bfloat16"),
@@ -82,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-seconds",
-        type=float,
+        type=SECONDS,
         default=None,
         help="stop cleanly (after a shard) once this much time has passed; resume later",
     )
@@ -94,20 +115,85 @@ def split_of(doc_id: str, val_frac: float, test_frac: float) -> str:
     return "test" if u < test_frac else "val" if u < test_frac + val_frac else "train"
 
 
+def _corpus_doc(line: str, where: str) -> dict:
+    """One corpus line, checked (``where`` names the file and line)."""
+    expected = 'expected one JSON object per line with "text", "input" (+ "outputs") or "input_ids"'
+    try:
+        d = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{where} is not JSON ({err}); {expected}") from None
+    if not isinstance(d, dict) or not {"text", "input", "input_ids"} & set(d):
+        raise UsageError(f"{where} holds no document; {expected}")
+    ids = d.get("input_ids")
+    if ids is not None and not (
+        isinstance(ids, list) and all(isinstance(x, int) and x >= 0 for x in ids)
+    ):
+        raise UsageError(f"{where}: input_ids must be a list of token ids (ints >= 0)")
+    if d.get("split") and d["split"] not in SPLITS:  # no split (or "") means by hash
+        raise UsageError(f"{where}: split must be one of {SPLITS}, got {d['split']!r}")
+    return d
+
+
 def read_corpus(paths) -> list[dict]:
+    """The documents of the JSONL files ``paths`` (see the module docstring); a file that is not
+    such a corpus raises :class:`UsageError` naming ``--corpus``."""
     docs = []
-    for path in paths:
-        for i, line in enumerate(Path(path).read_text().splitlines()):
+    for path in map(Path, paths):
+        try:
+            lines = check_input_file("--corpus", path).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"--corpus: {path} cannot be read as text: {err}") from None
+        for i, line in enumerate(lines):
             if not line.strip():
                 continue
-            d = json.loads(line)
-            d.setdefault("id", f"{Path(path).stem}:{d.get('index', i)}")
+            d = _corpus_doc(line, f"--corpus: {path} line {i + 1}")
+            d.setdefault("id", f"{path.stem}:{d.get('index', i)}")
             d["id"] = str(d["id"])
             docs.append(d)
+    if not docs:
+        raise UsageError(f"--corpus: {', '.join(map(str, paths))} holds no documents")
     ids = [d["id"] for d in docs]
     if len(set(ids)) != len(ids):
-        raise ValueError("corpus document ids must be unique")
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        raise UsageError(f"--corpus: document ids must be unique, got {repeated[:5]} repeated")
     return docs
+
+
+def check_args(args: argparse.Namespace):
+    """Everything about ``args`` that can be checked before the backbone loads; returns the
+    backbone's :class:`lsa.models.ModelDims` (read from its config, no weights)."""
+    from lsa.models import model_dims
+
+    try:
+        dims = model_dims(args.model)
+    except ValueError as err:
+        raise UsageError(f"--model {args.model}: {err}") from None
+    for option, layers in (
+        ("--target-layers", args.target_layers),
+        ("--label-layers", args.label_layers),
+    ):
+        if not layers:
+            continue
+        if len(set(layers)) != len(layers):
+            raise UsageError(f"{option} must be distinct, got {layers}")
+        beyond = [layer for layer in layers if layer >= dims.num_layers]
+        if beyond:
+            raise UsageError(
+                f"{option}: --model {args.model} has {dims.num_layers} layers "
+                f"(0-{dims.num_layers - 1}), got {beyond}"
+            )
+    if args.max_length < 2 * args.chunk_size + 1:
+        raise UsageError(
+            f"--max-length must be >= 2 * --chunk-size + 1 = {2 * args.chunk_size + 1} (shorter "
+            f"documents are skipped), got {args.max_length}"
+        )
+    if args.val_frac + args.test_frac >= 1:
+        raise UsageError(
+            f"--val-frac + --test-frac must be < 1 (the rest trains), got {args.val_frac} + "
+            f"{args.test_frac}"
+        )
+    check_output_dir("--out", Path(args.out))
+    return dims
 
 
 def tokenize(doc: dict, tokenizer, chat_template: bool) -> tuple[list[int], int | None]:
@@ -200,14 +286,16 @@ def concat_docs(docs: list[dict], target_layers) -> dict[str, torch.Tensor]:
 
 
 def _settings(args, label_cfg, inv_freq, scaling, model) -> dict:
-    cfg = model.config
+    from lsa.models import config_dims
+
+    dims = config_dims(model.config)
     return {
         "model": args.model,
         "backbone_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "hidden_size": cfg.hidden_size,
-        "num_layers": cfg.num_hidden_layers,
-        "kv_heads": cfg.num_key_value_heads,
-        "kv_head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+        "hidden_size": dims.hidden_size,
+        "num_layers": dims.num_layers,
+        "kv_heads": dims.kv_heads,
+        "kv_head_dim": dims.kv_head_dim,
         "target_layers": list(args.target_layers),
         "labels": {**asdict(label_cfg), "label_layers": label_cfg.label_layers},
         "stride": args.stride,
@@ -231,13 +319,16 @@ def run(args: argparse.Namespace) -> int:
 
     from lsa.models import load_model
 
+    check_args(args)
+    docs = read_corpus(args.corpus)
+    if args.max_docs is not None:
+        docs = docs[: args.max_docs]
+    for doc in docs:
+        doc["split"] = doc.get("split") or split_of(doc["id"], args.val_frac, args.test_frac)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    docs = read_corpus(args.corpus)
-    if args.max_docs is not None:
-        docs = docs[: args.max_docs]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     model, tokenizer = load_model(args.model, dtype=getattr(torch, dtype_name))
@@ -266,12 +357,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         manifest = {"format_version": 1, "settings": settings, "shards": []}
     done = {d["id"] for s in manifest["shards"] for d in s["docs"]}
-    for doc in docs:
-        doc["split"] = doc.get("split") or split_of(doc["id"], args.val_frac, args.test_frac)
-        if doc["split"] not in SPLITS:
-            raise ValueError(
-                f"document {doc['id']!r}: split must be one of {SPLITS}, got {doc['split']!r}"
-            )
     # Test and validation documents first, so a dump stopped by --max-seconds has them all.
     todo = sorted(
         (d for d in docs if d["id"] not in done), key=lambda d: SPLITS[::-1].index(d["split"])

@@ -22,6 +22,15 @@ import sys
 import time
 from pathlib import Path
 
+from lsa.cli_errors import (
+    SECONDS,
+    Parser,
+    UsageError,
+    check_input_file,
+    check_output_dir,
+    run_command,
+)
+
 #: dump / train arguments of each shipped indexer (see lsa/indexer/README.md for the why).
 PRESETS: dict[str, dict[str, list[str]]] = {
     "qwen2.5-coder-0.5b": {
@@ -41,8 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", required=True, nargs="+", help="JSONL corpus file(s)")
     parser.add_argument("--work", required=True, help="scratch folder for the dump shards")
     parser.add_argument("--out", required=True, help="where the indexer and metrics go")
-    parser.add_argument("--dump-seconds", type=float, default=None, help="dump --max-seconds")
-    parser.add_argument("--train-seconds", type=float, default=None, help="train --max-seconds")
+    parser.add_argument("--dump-seconds", type=SECONDS, default=None, help="dump --max-seconds")
+    parser.add_argument("--train-seconds", type=SECONDS, default=None, help="train --max-seconds")
     parser.add_argument(
         "--dump-only",
         action="store_true",
@@ -86,7 +95,11 @@ def _run(cmd: list[str], log: Path | None = None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.model is None and args.preset is None:
-        raise ValueError("give --model or --preset")
+        raise UsageError("give --model or --preset")
+    for path in args.corpus:
+        check_input_file("--corpus", Path(path))
+    check_output_dir("--work", Path(args.work))
+    check_output_dir("--out", Path(args.out))
     preset = PRESETS.get(args.preset, {"dump": [], "train": []})
     model = args.model or args.preset
     work, out = Path(args.work), Path(args.out)
@@ -123,11 +136,15 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     head, dump_extra, train_extra = _split_extra(argv)
-    parser = argparse.ArgumentParser(prog="python -m lsa.indexer.pipeline", description=__doc__)
+    parser = Parser(prog="python -m lsa.indexer.pipeline", description=__doc__)
     add_arguments(parser)
-    args = parser.parse_args(head)
-    args.dump_args, args.train_args = dump_extra, train_extra
-    return run(args)
+
+    def parse_and_run() -> int:
+        args = parser.parse_args(head)
+        args.dump_args, args.train_args = dump_extra, train_extra
+        return run(args)
+
+    return run_command(parser.prog, parse_and_run)
 
 
 if __name__ == "__main__":

@@ -32,27 +32,45 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lsa.indexer.data import Batch, ShardData
+from lsa.cli_errors import (
+    COUNT,
+    FRACTION,
+    NON_NEGATIVE,
+    SECONDS,
+    Number,
+    UsageError,
+    check_output_dir,
+    device_option,
+)
+from lsa.indexer.data import Batch, EmptySplit, ShardData
 from lsa.indexer.labels import oracle_positives
 from lsa.indexer.metrics import BUDGETS, baseline_scores, evaluate, format_table
 from lsa.reference.select import budget_count
 from lsa.scorers.lightning import KEY_STATS, IndexerConfig, LightningIndexer
+
+#: ranges of the float options
+POSITIVE = Number(float, 0, low_open=True)
+NON_NEGATIVE_FLOAT = Number(float, 0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="directory written by `lsa dump`")
     parser.add_argument("--out", required=True, help="where the best indexer is saved")
     parser.add_argument(
-        "--layers", type=int, nargs="*", default=None, help="subset of the dumped target layers"
+        "--layers",
+        type=NON_NEGATIVE,
+        nargs="*",
+        default=None,
+        help="subset of the dumped target layers",
     )
     parser.add_argument("--loss", choices=("kl", "focal", "both"), default="kl")
-    parser.add_argument("--label-budget", type=float, default=0.1, help="focal positives: top-k")
-    parser.add_argument("--gamma", type=float, default=2.0, help="focal loss γ")
-    parser.add_argument("--n-heads", type=int, default=8)
-    parser.add_argument("--index-dim", type=int, default=128)
-    parser.add_argument("--q-rank", type=int, default=128)
-    parser.add_argument("--rope-dim", type=int, default=64)
-    parser.add_argument("--rope-theta", type=float, default=10000.0)
+    parser.add_argument("--label-budget", type=FRACTION, default=0.1, help="focal positives: top-k")
+    parser.add_argument("--gamma", type=NON_NEGATIVE_FLOAT, default=2.0, help="focal loss γ")
+    parser.add_argument("--n-heads", type=COUNT, default=8)
+    parser.add_argument("--index-dim", type=COUNT, default=128, help="a power of two >= 2")
+    parser.add_argument("--q-rank", type=COUNT, default=128)
+    parser.add_argument("--rope-dim", type=NON_NEGATIVE, default=64, help="even, <= --index-dim")
+    parser.add_argument("--rope-theta", type=POSITIVE, default=10000.0)
     parser.add_argument("--ensemble", choices=("max", "mean"), default="mean")
     parser.add_argument("--key-fp8", action="store_true")
     parser.add_argument(
@@ -67,24 +85,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--answer-repeat",
-        type=int,
+        type=COUNT,
         default=1,
         help="each answer position (the last prompt token, where the cache selects after the "
         "prefill) appears this many times per epoch; they are ~1%% of the dumped positions",
     )
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--clip", type=float, default=1.0)
-    parser.add_argument("--warmup", type=float, default=0.05, help="fraction of steps")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--epochs", type=COUNT, default=20)
+    parser.add_argument("--batch-size", type=COUNT, default=64)
+    parser.add_argument("--lr", type=POSITIVE, default=2e-3)
+    parser.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.01)
+    parser.add_argument("--clip", type=POSITIVE, default=1.0, help="gradient norm clip")
+    parser.add_argument(
+        "--warmup", type=Number(float, 0, 1), default=0.05, help="fraction of steps"
+    )
+    parser.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    parser.add_argument("--threads", type=COUNT, default=None)
     parser.add_argument("--quiet", action="store_true")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument(
+        "--device", type=device_option, default=None, help="default: cuda if available, else cpu"
+    )
     parser.add_argument(
         "--max-seconds",
-        type=float,
+        type=SECONDS,
         default=None,
         help="stop after the epoch that passes this much training time (best epoch kept)",
     )
@@ -228,21 +250,48 @@ def evaluate_model(model, data: ShardData, with_baselines: bool, seed: int = 0):
     )
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The options argparse cannot check one by one (before any shard is read)."""
+    d = args.index_dim
+    if d < 2 or d & (d - 1):
+        raise UsageError(f"--index-dim must be a power of two >= 2, got {d}")
+    if args.rope_dim % 2 or args.rope_dim > d:
+        raise UsageError(f"--rope-dim must be even and <= --index-dim {d}, got {args.rope_dim}")
+    for option, values in (("--layers", args.layers), ("--key-stats", args.key_stats)):
+        if values and len(set(values)) != len(values):
+            raise UsageError(f"{option} must be distinct, got {values}")
+    check_output_dir("--out", Path(args.out))
+
+
+def load_split(data: str, split: str) -> ShardData:
+    """``split`` of the dump ``data``; a missing, empty or corrupt dump raises
+    :class:`UsageError` naming ``--data`` (:class:`EmptySplit` passes: test may be absent)."""
+    try:
+        return ShardData(data, split)
+    except EmptySplit as err:
+        if split == "test":
+            raise
+        raise UsageError(f"--data: {err}; training needs train and val documents") from None
+    except ValueError as err:
+        raise UsageError(f"--data: {err}") from None
+
+
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     log = (lambda *a: None) if args.quiet else print
-    train_data = ShardData(args.data, "train")
-    val_data = ShardData(args.data, "val")
+    train_data = load_split(args.data, "train")
+    val_data = load_split(args.data, "val")
     try:
-        test_data = ShardData(args.data, "test")
-    except ValueError:
+        test_data = load_split(args.data, "test")
+    except EmptySplit:
         test_data = None
     if args.layers:
         unknown = sorted(set(args.layers) - set(train_data.layers))
         if unknown:
-            raise ValueError(f"--layers {unknown} were not dumped; dumped: {train_data.layers}")
+            raise UsageError(f"--layers {unknown} were not dumped; dumped: {train_data.layers}")
         for d in (train_data, val_data, test_data):
             if d is not None:
                 d.layers = sorted(args.layers)
@@ -254,7 +303,10 @@ def run(args: argparse.Namespace) -> int:
     for d in (train_data, val_data, test_data):
         if d is not None:
             d.to(device)
-    model = build_indexer(train_data, args).to(device)
+    try:
+        model = build_indexer(train_data, args).to(device)
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"--data {args.data}: its settings build no indexer: {err}") from None
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     n_answer = int(train_data.is_answer.sum())
     steps_per_epoch = math.ceil(
