@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import (
@@ -656,3 +658,94 @@ def test_load_prefill_refuses_what_does_not_fit():
     cache.load_prefill(pre.keys_values(), pre.mask, pre.hidden)
     with pytest.raises(ValueError, match=r"reset\(\)"):  # one request at a time
         cache.load_prefill(pre.keys_values(), pre.mask, pre.hidden)
+
+
+def test_capture_hooks_are_shared_and_never_accumulate():
+    """One hidden-state hook per target attention module, however many caches exist: caches
+    dropped without close() leave nothing, 200 live caches share it, the last close() removes it,
+    and each capture reaches only the cache the forward runs with."""
+    from lsa.cache.model import attention_modules
+
+    model = lsa_model()
+    attn = attention_modules(model, 3)
+
+    def hooks() -> list[int]:
+        return [len(attn[i]._forward_pre_hooks) for i in range(3)]
+
+    for _ in range(200):
+        make_cache(model, budget=0.3, target_layers=(0, 2))  # dropped, never closed
+    assert hooks() == [1, 0, 1]
+    alive = [make_cache(model, budget=0.3, target_layers=(0, 2)) for _ in range(200)]
+    assert hooks() == [1, 0, 1]
+
+    ids, mask = prompt([90, 61])
+    untouched = lsa_model()  # same weights, no other cache ever made on it
+    ref = make_cache(untouched, budget=0.3, target_layers=(0, 2))
+    ref_seq, ref_logits = generate(untouched, ids, mask, ref, 20)
+    seq, logits = generate(model, ids, mask, alive[123], 20)
+    assert torch.equal(seq, ref_seq) and torch.equal(logits, ref_logits)
+    assert [r.resident for r in alive[123].refreshes] == [r.resident for r in ref.refreshes]
+    assert all(not c.hidden for i, c in enumerate(alive) if i != 123)
+
+    import gc
+
+    gc.collect()  # the dropped caches are gone: they hold the hook no longer
+    for cache in alive:
+        cache.close()
+    assert hooks() == [0, 0, 0]
+    with pytest.raises(RuntimeError, match=r"was closed .*create a new LSACache"):
+        generate(model, ids, mask, alive[0], 4)
+
+
+def _threaded(jobs: dict, run) -> tuple[dict, list[BaseException]]:
+    """Run ``run(name)`` for every job in its own thread, all started together."""
+    import threading
+
+    barrier = threading.Barrier(len(jobs))
+    out, errors = {}, []
+
+    def work(name):
+        barrier.wait()
+        try:
+            out[name] = run(name)
+        except BaseException as exc:  # reported by the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(name,)) for name in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out, errors
+
+
+def test_two_caches_in_two_threads_give_what_each_gives_alone():
+    model = lsa_model()
+    jobs = {"a": prompt([90, 61], seed=3), "b": prompt([70], seed=4)}
+    settings = dict(budget=0.3, chunk_size=8, refresh_every=3)
+    alone = {n: generate(model, *jobs[n], make_cache(model, **settings), 30) for n in jobs}
+    for _ in range(3):
+        caches = {n: make_cache(model, **settings) for n in jobs}
+        out, errors = _threaded(
+            jobs, lambda n, caches=caches: generate(model, *jobs[n], caches[n], 30)
+        )
+        assert errors == []
+        for n in jobs:
+            assert torch.equal(out[n][0], alone[n][0])
+            assert torch.equal(out[n][1], alone[n][1])
+
+
+def test_one_cache_in_two_threads_serves_one_and_refuses_the_other():
+    model = lsa_model()
+    jobs = {"a": prompt([90, 61], seed=3), "b": prompt([70], seed=4)}
+    settings = dict(budget=0.3, chunk_size=8, refresh_every=3, target_layers=(0, 1))
+    alone = {n: generate(model, *jobs[n], make_cache(model, **settings), 30) for n in jobs}
+    cache = make_cache(model, **settings)
+    for _ in range(3):
+        cache.reset()
+        out, errors = _threaded(jobs, lambda n: generate(model, *jobs[n], cache, 30))
+        assert len(out) == len(errors) == 1
+        assert isinstance(errors[0], ValueError | RuntimeError)
+        assert re.search(r"another thread|already holds a request", str(errors[0]))
+        ((name, (seq, logits)),) = out.items()
+        assert torch.equal(seq, alone[name][0]) and torch.equal(logits, alone[name][1])

@@ -14,6 +14,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+import lsa.cache
 from lsa.cache import LSACache
 from lsa.scorers.mean_key import MeanKeyScorer
 
@@ -71,6 +72,24 @@ def test_a_config_alone_is_not_enough(model):
         (dict(budget=0.1, backend="cuda"), ValueError, "backend"),
         (dict(budget=0.1, recall="dma"), ValueError, "recall must be one of"),
         (dict(budget=0.1, resident_sets="per_layer"), NotImplementedError, "resident_sets"),
+        (
+            dict(budget=0.1, host_device="nope"),
+            ValueError,
+            r"host_device must name a torch device such as 'cpu' or 'cuda:0', got 'nope'",
+        ),
+        (
+            dict(budget=0.1, device=3.5),
+            TypeError,
+            r"device must be a torch.device, a str .* or a CUDA device index, got float 3\.5",
+        ),
+        (dict(budget=0.1, host_device=True), TypeError, "host_device must be a torch.device"),
+        (
+            dict(budget=0.1, device="meta"),
+            ValueError,
+            r"device must be a CPU or CUDA device, got 'meta' \(meta\)",
+        ),
+        (dict(budget=0.1, max_new_tokens=-1), ValueError, "max_new_tokens must be >= 0, got -1"),
+        (dict(budget=0.1, max_new_tokens=2.5), TypeError, "max_new_tokens must be an int"),
     ],
 )
 def test_bad_settings(model, kwargs, error, match):
@@ -185,3 +204,100 @@ def test_zero_copy_recall_needs_cuda_or_the_interpreter(model):
         pytest.skip("Triton's interpreter serves the zero-copy recall on CPU in this process")
     with pytest.raises(ValueError, match=r"recall='zero_copy' cannot run: .*CUDA"):
         LSACache(model, scorer(model), budget=0.1, device="cpu", recall="zero_copy")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize(
+    ("name", "value"), [("device", "cuda"), ("host_device", "cuda:0"), ("device", 0)]
+)
+def test_cuda_without_cuda_is_named(model, name, value):
+    with pytest.raises(ValueError, match=rf"{name}={value!r} needs CUDA, but .*is False"):
+        LSACache(model, scorer(model), budget=0.1, **{name: value})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_missing_cuda_device_is_named(model):
+    n = torch.cuda.device_count()
+    with pytest.raises(ValueError, match=rf"device='cuda:{n}' does not exist: .* {n} CUDA"):
+        LSACache(model, scorer(model), budget=0.1, device=f"cuda:{n}")
+
+
+class Forwards:
+    """Counts the model's forward calls."""
+
+    def __init__(self, model):
+        self.n = 0
+        self.handle = model.register_forward_pre_hook(self.count)
+
+    def count(self, module, args):
+        self.n += 1
+
+    def remove(self):
+        self.handle.remove()
+
+
+def test_preflight_refuses_a_request_the_host_cannot_hold(model, monkeypatch):
+    """The whole request (prompt + max_new_tokens, mirror and worst-case reserve) is checked
+    against the memory available before the prefill stores anything; the cache stays usable."""
+    from lsa.cache import resources
+
+    ids, mask = prompt([40])
+    cache = make_cache(model, budget=0.5, max_new_tokens=20)
+    monkeypatch.setattr(resources, "available_bytes", lambda device: 1000)
+    forwards = Forwards(model)
+    # chunk: 3 layers x K,V x 2 heads x 16 tokens x 16 dims x 4 bytes = 12 KiB; mirror: 60 tokens
+    # = 4 chunks; reserve: 3 completed chunks at budget 0.5 -> 2 kept, + partial + ceil(8/16)
+    message = (
+        "LSACache needs 96.0 KiB of host memory for the host mirror (48.0 KiB) and the device "
+        "reserve (48.0 KiB, worst case 4 chunks a row) (batch 1, 40 prompt + 20 new tokens, 3 "
+        "layers) but 1000 B are available; lower the batch, the prompt length or max_new_tokens"
+    )
+    try:
+        with pytest.raises(lsa.cache.CacheMemoryError) as info:
+            generate(model, ids, mask, cache, 20)
+    finally:
+        forwards.remove()
+    assert str(info.value) == message
+    assert isinstance(info.value, MemoryError)
+    assert forwards.n == 1  # the prefill, stopped at layer 0
+    assert cache.mirror is None and cache.layers[0].reserve_k is None
+    monkeypatch.undo()
+    seq, _ = generate(model, ids, mask, cache, 20)  # nothing was left behind
+    fresh_seq, _ = generate(model, ids, mask, make_cache(model, budget=0.5), 20)
+    assert torch.equal(seq, fresh_seq)
+
+
+def test_preflight_refuses_a_huge_max_new_tokens(model):
+    ids, mask = prompt([40, 25])
+    cache = make_cache(model, budget=0.5, max_new_tokens=10**12)
+    with pytest.raises(
+        lsa.cache.CacheMemoryError,
+        match=r"LSACache needs [\d.]+ GiB of host memory for the host mirror \([\d.]+ GiB\) and "
+        r"the device reserve .* \(batch 2, 40 prompt \+ 1000000000000 new tokens, 3 layers\) but "
+        r"[\d.]+ .iB are available",
+    ):
+        generate(model, ids, mask, cache, 4)
+
+
+def test_max_new_tokens_sizes_the_mirror_and_bounds_the_reserve(model):
+    """Known max_new_tokens: one mirror segment for the whole request (it never grows), the
+    reserve never past its worst case, the same tokens as without, and no decoding past it."""
+    from lsa.cache.resources import worst_case_slots
+
+    ids, mask = prompt([83, 47])
+    kw = dict(budget=0.3, chunk_size=8, refresh_every=4)
+    ref = make_cache(model, **kw)
+    ref_seq, ref_logits = generate(model, ids, mask, ref, 60)
+    cache = make_cache(model, max_new_tokens=60, **kw)
+    seq, logits = generate(model, ids, mask, cache, 60)
+    assert torch.equal(seq, ref_seq) and torch.equal(logits, ref_logits)
+    assert [s.shape[1] for s in cache.mirror.segments] == [-(-(83 + 60) // 8)]
+    cap = worst_case_slots(
+        tokens=83 + 60, chunk_size=8, budget=0.3, sink_chunks=1, recent_chunks=1, refresh_every=4
+    )
+    assert cache.n_slots == cap < ref.n_slots  # grown by 25% steps, but never past the cap
+    assert [s for _, s, _ in cache.grows][:-1] == [s for _, s, _ in ref.grows][:-1]
+
+    short = make_cache(model, max_new_tokens=10, **kw)
+    with pytest.raises(ValueError, match=r"outgrew LSACache\(max_new_tokens=10\): decode step 11"):
+        generate(model, ids, mask, short, 30)

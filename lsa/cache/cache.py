@@ -42,8 +42,7 @@ chunks begun since the last refresh) is resident on top of it and counted in :me
 
 from __future__ import annotations
 
-import math
-import weakref
+import threading
 from numbers import Integral
 
 import torch
@@ -51,12 +50,14 @@ from transformers.cache_utils import Cache
 
 from lsa._validation import BACKENDS, check_budget, check_int
 from lsa.attention import reserve_attention
+from lsa.cache import capture
 from lsa.cache.attention import ATTN_IMPLEMENTATION, hand_over, register_lsa_attention
 from lsa.cache.layer import LSALayer
 from lsa.cache.mirror import HostMirror
 from lsa.cache.model import attention_modules, check_layer_types, text_config
 from lsa.cache.records import Footprint, RecallStats, RefreshRecord
 from lsa.cache.residency import Residency
+from lsa.cache.resources import check_device, check_request, worst_case_slots
 from lsa.cache.zero_copy import zero_copy_unavailable
 from lsa.compiled.compact import prefix_attention, prefix_mask, visible_attention
 from lsa.compiled.flex import FlexPlan, flex_attend, flex_supports, reserve_block_mask, use_fold
@@ -66,6 +67,11 @@ from lsa.scorers.contract import ChunkScorer
 #: what ``LSACache(backend=...)`` accepts: the compact path plus reserve_attention's backends
 CACHE_BACKENDS = ("compact", *BACKENDS)
 RECALLS = ("copies", "zero_copy")
+_claim = threading.Lock()  # makes "is a forward running? if not, this thread runs one" atomic
+_BUSY = (
+    "another thread is running a forward through this LSACache: one cache serves one request at "
+    "a time; give each thread its own LSACache"
+)
 
 
 class LSACache(Residency, Cache):
@@ -75,7 +81,7 @@ class LSACache(Residency, Cache):
     Use::
 
         model.set_attn_implementation("lsa")   # LSACache registers "lsa" with transformers
-        cache = LSACache(model, scorer, budget=0.1)
+        cache = LSACache(model, scorer, budget=0.1, max_new_tokens=256)
         out = model.generate(input_ids, attention_mask=mask, cache=cache, max_new_tokens=256)
         cache.reset()                           # before the next request
 
@@ -102,6 +108,17 @@ class LSACache(Residency, Cache):
             copy per run of consecutive chunks (all layers at once) into a staging buffer, then
             a device scatter. ``"zero_copy"``: one Triton kernel reading the pinned mirror
             directly (:mod:`lsa.cache.zero_copy`; CUDA, or Triton's interpreter on CPU).
+        max_new_tokens: the most tokens a request generates (``generate()`` does not tell its
+            cache). When given, a request's prefill first checks that the host mirror for the
+            prompt plus ``max_new_tokens`` tokens and the device reserve at its worst case for the
+            budget fit in the memory available (:class:`lsa.cache.CacheMemoryError` if not),
+            allocates the mirror for the whole request, and refuses to decode past it. ``None``:
+            no check. May be changed between requests.
+
+    A request that fails (an exception or KeyboardInterrupt in a forward) cannot continue: the
+    cache refuses further forwards until :meth:`reset`; :meth:`flush` / :meth:`mirror_kv` still
+    give every token that was stored in every layer. One cache serves one request at a time
+    (a forward from another thread while one runs is refused); threads need a cache each.
     """
 
     def __init__(
@@ -120,6 +137,7 @@ class LSACache(Residency, Cache):
         backend: str = "auto",
         resident_sets: str = "shared",
         recall: str = "copies",
+        max_new_tokens: int | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(
@@ -161,8 +179,9 @@ class LSACache(Residency, Cache):
         if device is None:
             param = next(model.parameters(), None)
             device = param.device if param is not None else "cpu"
-        self.device = torch.device(device)
-        self.host_device = torch.device(host_device)
+        self.device = check_device("device", device)
+        self.host_device = check_device("host_device", host_device)
+        self.max_new_tokens = max_new_tokens
         self.pin = self.device.type == "cuda" and self.host_device.type == "cpu"
         if recall not in RECALLS:
             raise ValueError(f"recall must be one of {RECALLS}, got {recall!r}")
@@ -182,13 +201,21 @@ class LSACache(Residency, Cache):
         register_lsa_attention()
         super().__init__(layers=[LSALayer(self, i) for i in range(n_layers)])
         modules = attention_modules(model, n_layers)
-        ref = weakref.ref(self)
-        self._hooks = [
-            modules[i].register_forward_pre_hook(_capture_hook(ref, i), with_kwargs=True)
-            for i in self.target_layers
-        ]
+        self._capture_modules = {i: modules[i] for i in self.target_layers}
+        capture.attach(self, self._capture_modules)
+        self._closed = False
         self.recall_stats = RecallStats()
         self._new_request()
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self._max_new_tokens
+
+    @max_new_tokens.setter
+    def max_new_tokens(self, value: int | None) -> None:
+        self._max_new_tokens = (
+            None if value is None else check_int("max_new_tokens", value, minimum=0)
+        )
 
     # ----------------------------------------------------------------------------------------
     # set-up and validation
@@ -256,7 +283,8 @@ class LSACache(Residency, Cache):
         #: why a decode call left the compact path for reserve_attention (reason -> calls)
         self.compact_fallbacks: dict[str, int] = {}
         self.decode_step = 0
-        self.hidden: dict[int, torch.Tensor] = {}
+        self.hidden: dict[int, torch.Tensor] = {}  # what the next refresh reads
+        self._captures: dict[int, dict[int, torch.Tensor]] = {}  # thread -> layer -> [B, hidden]
         self.chunk_keys: dict[int, torch.Tensor] = {}
         self.refreshes: list[RefreshRecord] = []
         #: reserve reallocations: (decode step, new n_slots, "refresh" or "decode")
@@ -273,9 +301,24 @@ class LSACache(Residency, Cache):
         self._plan: FlexPlan | None = None
         self._continues = False
         self.__dict__["_user_defined"] = False
+        # Fault state. A forward through the cache is "open" from its layer 0 until its last
+        # attention (and refresh) returns; one still open when the next starts, or when the
+        # mirror is read, died half-way.
+        self._open: str | None = None  # "prefill" or "decode" while a forward runs
+        self._owner: int | None = None  # the thread running the open forward
+        # (kv_len_host, seq_len, decode_step) before the open decode step, until its token is
+        # stored in every layer: what a step that dies before that rolls back to
+        self._good: tuple[list[int], int, int] | None = None
+        self._refreshing: str | None = None  # the refresh's stage while one runs
+        self._tail_in_mirror = False  # the mirror holds every written token (no tail to copy)
+        self._broken: str | None = None  # why this request cannot continue
+        self._slot_cap: int | None = None  # the reserve's worst case (max_new_tokens given)
 
     def reset(self) -> None:
-        """Drop the request: the next forward must be a new prefill. Settings and hooks stay."""
+        """Drop the request: the next forward must be a new prefill. Settings and hooks stay.
+        This is also how a cache left mid-request by an error becomes usable again."""
+        if self._busy_elsewhere():
+            raise RuntimeError(f"{_BUSY}; reset() after it")
         if self._stream is not None:
             self._stream.synchronize()
         for layer in self.layers:
@@ -284,10 +327,11 @@ class LSACache(Residency, Cache):
         self._new_request()
 
     def close(self) -> None:
-        """Remove the hidden-state hooks from the model (the cache is unusable afterwards)."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
+        """Stop capturing hidden states for this cache (the shared hook leaves the model with its
+        last cache); the cache is unusable afterwards. Dropping a cache without ``close()``
+        leaves nothing behind either, once it is garbage-collected."""
+        capture.detach(self, list(self._capture_modules.values()))
+        self._closed = True
 
     # generate() marks a cache passed by the user with `_is_user_defined = True` at the start of
     # every call: the moment to refuse a cache that still holds another request.
@@ -303,11 +347,91 @@ class LSACache(Residency, Cache):
         self.__dict__["_user_defined"] = value
 
     def _reuse_message(self) -> str:
+        if self._busy_elsewhere():
+            return _BUSY
+        if self._open is not None or self._broken is not None:
+            return self._interrupted_message()
         return (
             f"this LSACache already holds a request ({self.seq_len} tokens, batch {self.batch}); "
             "call cache.reset() before using it for another request (continuing a request with "
             "a multi-token input is not supported)"
         )
+
+    def _interrupted_message(self) -> str:
+        why = self._broken or self._why_open()
+        return (
+            f"this LSACache's request cannot continue: {why}. Call cache.reset() before the next "
+            "request (cache.mirror_kv() still gives every token stored so far)"
+        )
+
+    def _why_open(self) -> str:
+        where = "the prefill" if self._open == "prefill" else f"decode step {self.decode_step}"
+        if self._refreshing is not None:
+            where += f" (in its refresh, {self._refreshing})"
+        return f"the forward of {where} did not finish"
+
+    def _start_forward(self, kind: str) -> None:
+        """Before layer 0 of a forward: refuse one the cache cannot run, then open it."""
+        if self._closed:
+            raise RuntimeError(
+                "this LSACache was closed (close() stopped its hidden-state capture); create a "
+                "new LSACache"
+            )
+        me = threading.get_ident()
+        with _claim:
+            if self._busy_elsewhere():
+                raise RuntimeError(_BUSY)
+            if self._open is not None or self._broken is not None:
+                raise RuntimeError(self._interrupted_message())
+            self._open, self._owner = kind, me
+        self._good = (list(self.kv_len_host), self.seq_len, self.decode_step)
+        self.hidden = self._captures.setdefault(me, {})
+
+    def _capture_hidden(self, layer_idx: int, hidden: torch.Tensor) -> None:
+        """The shared forward pre-hook's catch (:mod:`lsa.cache.capture`): the attention input
+        of the last token. Kept per thread: a forward that another thread starts on this cache
+        runs the hook before its layer 0 refuses it, and must not overwrite the running one's."""
+        captured = hidden[:, -1].detach().clone()
+        self._captures.setdefault(threading.get_ident(), {})[layer_idx] = captured
+
+    def _busy_elsewhere(self) -> bool:
+        """Whether another thread runs a forward through this cache now (one that died in its
+        thread does not count: the thread is gone)."""
+        return (
+            self._open is not None and self._owner != threading.get_ident() and _alive(self._owner)
+        )
+
+    def _end_forward(self) -> None:
+        self._open = self._owner = self._good = None
+
+    def _annotate(self, exc: BaseException, doing: str) -> None:
+        """Say on an error escaping a forward what the cache was doing (the error itself, and
+        its type, reach the user unchanged)."""
+        if self._open is None or any(
+            note.startswith("LSACache:") for note in getattr(exc, "__notes__", ())
+        ):
+            return
+        step = "the prefill" if self._open == "prefill" else f"decode step {self.decode_step}"
+        if self._refreshing is not None:
+            doing = f"refreshing the resident chunks ({self._refreshing})"
+        exc.add_note(
+            f"LSACache: raised while {doing} in {step}; this request cannot continue: call "
+            "cache.reset() (cache.mirror_kv() still gives every token stored so far)"
+        )
+
+    def _abandon(self) -> None:
+        """Close a forward that died half-way: forget its token unless every layer stored it,
+        and make the mirror hold every token stored in every layer (from the reserve's tail,
+        unless a refresh had begun: it copied the tail to the mirror first)."""
+        self._broken = self._why_open()
+        if self._open == "decode" and self._good is not None:
+            kv_len, self.seq_len, self.decode_step = self._good
+            self.kv_len_host = list(kv_len)
+        if self.phase == "decoding" and not self._tail_in_mirror:
+            self._mirror_partial()
+        self._tail_in_mirror = True
+        self._refreshing = None
+        self._end_forward()
 
     # ----------------------------------------------------------------------------------------
     # transformers Cache interface
@@ -316,24 +440,31 @@ class LSACache(Residency, Cache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kw
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one layer's new K/V [B, H_kv, S, D]; return what the "lsa" attention reads."""
-        layer = self.layers[layer_idx]
-        if not layer.is_initialized:
-            layer.lazy_initialization(key_states, value_states)
+        if layer_idx == 0:
+            self._begin_forward(key_states)
+        try:
+            return self._update(key_states, value_states, layer_idx)
+        except BaseException as exc:
+            self._annotate(exc, f"storing the K/V of layer {layer_idx}")
+            raise
+
+    def _begin_forward(self, key_states: torch.Tensor) -> None:
+        """Layer 0 of a forward: refuse what cannot run, then open the forward (and, for a new
+        request, run the pre-flight memory check)."""
         if self.phase == "empty":
-            if layer_idx == 0:
-                impl = getattr(self._model_config, "_attn_implementation", None)
-                if impl != ATTN_IMPLEMENTATION:
-                    raise ValueError(
-                        f"the model runs attn_implementation={impl!r}; LSACache needs "
-                        f"{ATTN_IMPLEMENTATION!r}: call model.set_attn_implementation('lsa')"
-                    )
-            if layer_idx in self._ingested:
-                raise RuntimeError(
-                    f"layer {layer_idx} is prefilled a second time: a previous prefill did not "
-                    "finish; call cache.reset()"
+            impl = getattr(self._model_config, "_attn_implementation", None)
+            if impl != ATTN_IMPLEMENTATION:
+                raise ValueError(
+                    f"the model runs attn_implementation={impl!r}; LSACache needs "
+                    f"{ATTN_IMPLEMENTATION!r}: call model.set_attn_implementation('lsa')"
                 )
-            hand_over(layer, key_states, "prefill")
-            return key_states, value_states
+            self._start_forward("prefill")
+            try:
+                self._preflight(key_states)
+            except BaseException:
+                self._end_forward()  # nothing was stored: the cache stays usable
+                raise
+            return
         if key_states.shape[2] != 1:
             raise ValueError(self._reuse_message())
         if key_states.shape[0] != self.batch:
@@ -341,6 +472,29 @@ class LSACache(Residency, Cache):
                 f"batch size changed from {self.batch} to {key_states.shape[0]} mid-request; "
                 "call cache.reset() for a new request"
             )
+        self._start_forward("decode")
+        if self.max_new_tokens is not None and self.decode_step >= self.max_new_tokens:
+            self._end_forward()  # refused before anything changed
+            raise ValueError(
+                f"this request outgrew LSACache(max_new_tokens={self.max_new_tokens}): decode "
+                f"step {self.decode_step + 1} would pass the prompt + max_new_tokens tokens per "
+                "row that the pre-flight check reserved; pass a larger max_new_tokens (or None)"
+            )
+
+    def _update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.layers[layer_idx]
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        if self.phase == "empty":
+            if layer_idx in self._ingested:
+                raise RuntimeError(
+                    f"layer {layer_idx} is prefilled a second time: a previous prefill did not "
+                    "finish; call cache.reset()"
+                )
+            hand_over(layer, key_states, "prefill")
+            return key_states, value_states
         if layer_idx != self._next_layer:
             raise RuntimeError(
                 f"LSACache expected layer {self._next_layer} next, got layer {layer_idx}"
@@ -358,6 +512,8 @@ class LSACache(Residency, Cache):
         rv[self._rows, :, self._write_tok] = value_states[:, :, 0]
         if self._completing:
             self._complete_chunks(layer)
+        if layer_idx == self.num_layers - 1:
+            self._good = None  # the step's token is stored in every layer: nothing to undo
         hand_over(layer, rk, "decode")
         return rk, rv
 
@@ -373,6 +529,50 @@ class LSACache(Residency, Cache):
     # ----------------------------------------------------------------------------------------
     # prefill
 
+    def _preflight(self, key: torch.Tensor) -> None:
+        """Before a request's first forward stores anything, when ``max_new_tokens`` is known:
+        check that the host mirror for the whole request (prompt + ``max_new_tokens``, every
+        row) and the device reserve at its worst case fit in the memory available now
+        (:class:`CacheMemoryError` if not). The mirror is then allocated for the whole request at
+        the prefill; the reserve grows up to that worst case, never past it. Without
+        ``max_new_tokens`` nothing is checked: the prompt's mirror is allocated at once anyway,
+        and the host's MemAvailable can understate what a VM grows into."""
+        self._slot_cap = None
+        new = self.max_new_tokens
+        if new is None:
+            return
+        b_size, heads_kv, s, head_dim = key.shape
+        tokens = s + new  # the padded length bounds every row's logical length
+        chunk_bytes = (
+            self.num_layers * 2 * heads_kv * self.chunk_size * head_dim * key.dtype.itemsize
+        )
+        slots = worst_case_slots(
+            tokens=tokens,
+            chunk_size=self.chunk_size,
+            budget=self.budget,
+            sink_chunks=self.sink_chunks,
+            recent_chunks=self.recent_chunks,
+            refresh_every=self.refresh_every,
+        )
+        check_request(
+            needs=[
+                (
+                    self.host_device,
+                    "the host mirror",
+                    b_size * -(-tokens // self.chunk_size) * chunk_bytes,
+                    "",
+                ),
+                (
+                    self.device,
+                    "the device reserve",
+                    b_size * slots * chunk_bytes,
+                    f"worst case {slots} chunks a row",
+                ),
+            ],
+            request=f"batch {b_size}, {s} prompt + {new} new tokens, {self.num_layers} layers",
+        )
+        self._slot_cap = slots
+
     def ingest_prefill(
         self,
         layer: LSALayer,
@@ -381,6 +581,19 @@ class LSACache(Residency, Cache):
         attention_mask: torch.Tensor | None,
     ) -> None:
         """After the dense prefill attention of ``layer``: prompt K/V [B, H, S, D] -> mirror."""
+        try:
+            self._ingest_prefill(layer, key, value, attention_mask)
+        except BaseException as exc:
+            self._annotate(exc, f"storing the prompt of layer {layer.layer_idx} in the mirror")
+            raise
+
+    def _ingest_prefill(
+        self,
+        layer: LSALayer,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> None:
         if not self._ingested:
             self._start_request(key, attention_mask)
         cs = self.chunk_size
@@ -396,7 +609,9 @@ class LSACache(Residency, Cache):
                 device=self.host_device,
                 pin=self.pin,
             )
-            self.mirror.ensure(max(-(-n // cs) for n in [*self.kv_len_host, 1]))  # one segment
+            # one segment: the prompt, or the whole request when max_new_tokens is known
+            longest = max([*self.kv_len_host, 1]) + (self.max_new_tokens or 0)
+            self.mirror.ensure(-(-longest // cs))
         self.mirror.check_layer(layer.layer_idx, h, d, key.dtype)
         for b in range(b_size):
             n = self.kv_len_host[b]
@@ -421,6 +636,7 @@ class LSACache(Residency, Cache):
             self.decode_step = 0
             self._next_layer = 0
             self._refresh()  # for decode step 1, overlapping the rest of the prefill forward
+            self._end_forward()
 
     def load_prefill(
         self,
@@ -459,6 +675,12 @@ class LSACache(Residency, Cache):
                     f"{tuple(attention_mask.shape)}"
                 )
             mask = attention_mask.bool()[:, None, None, :]  # the last query row of a 4-D mask
+        self._start_forward("prefill")
+        try:
+            self._preflight(keys_values[0][0])
+        except BaseException:
+            self._end_forward()
+            raise
         self.hidden = {i: hidden[i] for i in self.target_layers}
         for i, (key, value) in enumerate(keys_values):
             layer = self.layers[i]
@@ -505,9 +727,21 @@ class LSACache(Residency, Cache):
 
     def _begin_decode_step(self) -> None:
         """Before layer 0 of a decode step: find each row's write slot."""
+        cs = self.chunk_size
+        # a chunk that begins takes the tail's next slot; grow first, so that a failed
+        # allocation leaves every count and slot as it was
+        top = max(
+            (
+                self.n_kept[b] + n // cs - self.tail_first[b]
+                for b, n in enumerate(self.kv_len_host)
+                if n // cs not in self.slot_of[b]
+            ),
+            default=-1,
+        )
+        if top >= self.n_slots:
+            self._grow_to(top + 1, "decode")
         self.decode_step += 1
         self._visible_mask = None  # the compact path's key-padding mask, built on first use
-        cs = self.chunk_size
         new_rows, new_slots = [], []
         table_changed = False
         self._completing = []
@@ -516,8 +750,6 @@ class LSACache(Residency, Cache):
             c, off = divmod(pos, cs)
             if c not in self.slot_of[b]:  # a new chunk begins: the tail's next slot
                 slot = self.n_kept[b] + c - self.tail_first[b]
-                if slot >= self.n_slots:
-                    self._grow(max(slot + 1, math.ceil(self.n_slots * 1.25)), "decode")
                 self.slot_of[b][c] = slot
                 self.bt_host[b, slot] = c
                 table_changed = True
@@ -554,9 +786,15 @@ class LSACache(Residency, Cache):
         recall overlaps the rest of this forward (same hidden states, same state as at the start
         of the next step).
         """
-        out = self._decode_attention(query, k_reserve, v_reserve, scaling)
-        if layer.layer_idx == self.num_layers - 1 and self.decode_step % self.refresh_every == 0:
-            self._refresh()
+        try:
+            out = self._decode_attention(query, k_reserve, v_reserve, scaling)
+            if layer.layer_idx == self.num_layers - 1:
+                if self.decode_step % self.refresh_every == 0:
+                    self._refresh()
+                self._end_forward()
+        except BaseException as exc:
+            self._annotate(exc, f"the decode attention of layer {layer.layer_idx}")
+            raise
         return out
 
     def _decode_attention(
@@ -702,24 +940,44 @@ class LSACache(Residency, Cache):
     def flush(self) -> None:
         """Copy each row's partially written last chunk to the mirror and wait for all copies;
         afterwards :meth:`mirror_kv` holds every token. (Completed chunks reach the mirror as
-        soon as they complete; the chunk being written lives in the device tail until then.)"""
+        soon as they complete; the chunk being written lives in the device tail until then.)
+
+        After a forward that did not finish (an error, an interrupt) the request is closed here:
+        the mirror then holds exactly the tokens that were stored in every layer."""
+        if self._busy_elsewhere():
+            raise RuntimeError(f"{_BUSY}; flush() after it")
+        if self._open is not None:
+            self._abandon()
         if self.phase != "decoding":
             return
-        cs = self.chunk_size
-        for layer in self.layers:
-            if layer.ready is not None:
-                torch.cuda.current_stream(self.device).wait_event(layer.ready)
-                layer.ready = None
-            for b in range(self.batch):
-                n = self.kv_len_host[b]
-                c = n // cs
-                if n % cs == 0 or c not in self.slot_of[b]:
-                    continue  # no partial chunk, or it is still the prompt's (already mirrored)
-                slot = self.slot_of[b][c]
-                kv = torch.stack([layer.reserve_k[b, :, slot], layer.reserve_v[b, :, slot]])
-                self.mirror.write_chunks(b, c, layer.layer_idx, kv[None])
+        if not self._tail_in_mirror:
+            self._mirror_partial()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _mirror_partial(self) -> None:
+        """Copy each row's partial last chunk (its tokens live in the reserve's tail only), all
+        layers, to the mirror: one copy per row into the chunk's contiguous mirror block."""
+        cs = self.chunk_size
+        rows = [
+            (b, n // cs, self.slot_of[b][n // cs])
+            for b, n in enumerate(self.kv_len_host)
+            # no partial chunk, or it is still the prompt's (mirrored, not yet resident)
+            if n % cs and n // cs in self.slot_of[b]
+        ]
+        if not rows:
+            return
+        for layer in self.layers:
+            if layer.ready is not None:  # a recall still writing this layer's slots
+                torch.cuda.current_stream(self.device).wait_event(layer.ready)
+                layer.ready = None
+        for b, c, slot in rows:
+            kv = torch.stack(
+                [t[b, :, slot] for layer in self.layers for t in (layer.reserve_k, layer.reserve_v)]
+            )
+            self.mirror.ensure(c + 1)
+            block = self.mirror.chunk(b, c)  # [L, 2, H, cs, D], contiguous
+            block.copy_(kv.view(block.shape), non_blocking=self.pin)
 
     def mirror_kv(self, layer_idx: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per row, the layer's full logical K/V history from the mirror: ([H, n, D], [H, n, D]).
@@ -730,6 +988,11 @@ class LSACache(Residency, Cache):
             raise IndexError(f"layer_idx {layer_idx} out of range (0..{self.num_layers - 1})")
         if self.mirror is None:
             return []
+        if self.phase == "empty":
+            raise RuntimeError(
+                f"the prefill did not finish ({len(self._ingested)} of {self.num_layers} layers "
+                "stored): the mirror holds no complete prompt; call cache.reset()"
+            )
         return [self.mirror.tokens(b, layer_idx, n) for b, n in enumerate(self.kv_len_host)]
 
     def resident_chunks(self) -> list[list[int]]:
@@ -781,19 +1044,6 @@ class LSACache(Residency, Cache):
         )
 
 
-def _capture_hook(ref: weakref.ref, layer_idx: int):
-    """Forward pre-hook on a target layer's attention module: keep its input's last token."""
-
-    def hook(module, args, kwargs):
-        cache = ref()
-        if cache is None:
-            return None
-        passed = kwargs.get("cache", kwargs.get("past_key_values"))
-        if passed is not cache:
-            return None
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        if hidden is not None:
-            cache.hidden[layer_idx] = hidden[:, -1].detach().clone()
-        return None
-
-    return hook
+def _alive(ident: int | None) -> bool:
+    """Whether the thread of this ident still runs (one that died mid-forward no longer owns it)."""
+    return ident is not None and any(t.ident == ident for t in threading.enumerate())

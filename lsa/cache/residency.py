@@ -7,6 +7,10 @@ tail stay a compact prefix of the reserve, recalls only the newly resident chunk
 mirror (``"copies"``: one host -> device copy per run of consecutive chunks, all layers at once,
 then a device scatter; ``"zero_copy"``: one Triton kernel reading the pinned mirror), grows the
 reserve when a row needs more slots, and pushes the block table.
+
+A refresh first copies each row's partial chunk to the mirror, so that if anything after that
+fails (the scorer, an allocation, a recall), the mirror holds every token written so far although
+the reserve is half rearranged; ``_refreshing`` names the stage for the error's note.
 """
 
 from __future__ import annotations
@@ -25,6 +29,16 @@ class Residency:
     """Refresh, placement and recall for :class:`lsa.cache.LSACache` (see the module docstring)."""
 
     def _refresh(self) -> None:
+        self._refreshing = "copying the partial chunks to the mirror"
+        self._mirror_partial()
+        self._tail_in_mirror = True
+        self._refreshing = "scoring"
+        self._select_and_place()
+        self._tail_in_mirror = False
+        self._refreshing = None
+
+    def _select_and_place(self) -> None:
+        """Score, select, make room, place (device moves, recalls) and push the block table."""
         cs = self.chunk_size
         n_done = [n // cs for n in self.kv_len_host]
         n_max = max(n_done, default=0)
@@ -78,7 +92,9 @@ class Residency:
         tail_room = math.ceil(self.refresh_every / cs)
         need = max(len(k) + (p is not None) for k, p in wants) + tail_room
         if need > self.n_slots:
-            self._grow(max(need, math.ceil(self.n_slots * 1.25)), "refresh")
+            self._refreshing = "growing the device reserve"
+            self._grow_to(need, "refresh")
+        self._refreshing = "placing and recalling chunks"
         plan: list[list[tuple[int, int]]] = []
         moves: list[tuple[int, int, int]] = []  # (row, from slot, to slot), on the device
         for b, (kept, partial) in enumerate(wants):
@@ -224,20 +240,31 @@ class Residency:
         )
         self.recall_stats.copies += 1  # one kernel launch
 
+    def _grow_to(self, need: int, where: str) -> None:
+        """Grow to at least ``need`` slots, by 25% at least (growing is a reallocation), but never
+        past the worst case the pre-flight check counted when ``max_new_tokens`` is known."""
+        n_slots = max(need, math.ceil(self.n_slots * 1.25))
+        if self._slot_cap is not None:
+            n_slots = max(need, min(n_slots, self._slot_cap))
+        self._grow(n_slots, where)
+
+    def _new_reserve_buffer(self, layer, n_slots: int) -> torch.Tensor:
+        """One layer's zeroed K or V reserve of ``n_slots`` slots."""
+        return torch.zeros(
+            (self.batch, layer.heads_kv, n_slots, self.chunk_size, layer.head_dim),
+            dtype=layer.dtype,
+            device=self.device,
+        )
+
     def _grow(self, n_slots: int, where: str) -> None:
         """Enlarge every layer's reserve to ``n_slots`` slots (rare: budgets grow with length)."""
         old = self.n_slots
         self._plan = None
-        self.grows.append((self.decode_step, n_slots, where))
         if self._stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
         for layer in self.layers:
             for name in ("reserve_k", "reserve_v"):
-                grown = torch.zeros(
-                    (self.batch, layer.heads_kv, n_slots, self.chunk_size, layer.head_dim),
-                    dtype=layer.dtype,
-                    device=self.device,
-                )
+                grown = self._new_reserve_buffer(layer, n_slots)
                 current = getattr(layer, name)
                 if current is not None:
                     grown[:, :, :old] = current
@@ -249,6 +276,7 @@ class Residency:
         if self._tail_slot is None:
             self._tail_slot = torch.zeros(self.batch, dtype=torch.long, device=self.device)
         self.n_slots = n_slots
+        self.grows.append((self.decode_step, n_slots, where))
 
     def _push_block_table(self) -> None:
         self.block_table = self._to_device(self.bt_host.clone()).view(self.batch, 1, self.n_slots)
