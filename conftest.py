@@ -22,10 +22,6 @@ settings.register_profile(
 settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-# Suites compile the flex path for many shapes; a decode loop itself compiles once per shape
-# class (tests/test_compile_counts.py), but the default limit of 8 is too tight for test grids.
-torch._dynamo.config.recompile_limit = 256
-
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

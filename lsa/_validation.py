@@ -107,6 +107,8 @@ def check_qkv(
         )
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
+    if d < 1:
+        raise ValueError(f"head dim (dim 3) must be >= 1, got q {_shape(q)}")
     if hkv < 1 or hq < 1:
         raise ValueError(f"q and k need at least one head, got q {_shape(q)} and k {_shape(k)}")
     if hq % hkv != 0:
@@ -244,4 +246,28 @@ def check_reserve(
     for name, t in (("block_table", block_table), ("kv_len", kv_len)):
         if t.device != device:
             raise ValueError(f"{name}.device must equal q.device ({device}), got {t.device}")
+    _check_reserve_values(block_table, kv_len)
     return n_slots
+
+
+def _check_reserve_values(block_table: torch.Tensor, kv_len: torch.Tensor) -> None:
+    """The rules a wrong table breaks silently: kv_len >= 0, entries >= -1, no logical chunk in
+    two slots of one row (attention would count its tokens twice). One host sync for all."""
+    if block_table.numel() == 0 and kv_len.numel() == 0:
+        return
+    ordered = block_table.sort(dim=-1).values
+    repeated = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
+    bad = torch.stack([(kv_len < 0).any(), (block_table < -1).any(), repeated.any()]).tolist()
+    if bad[0]:
+        raise ValueError(f"kv_len must be >= 0 in every row, got {kv_len.tolist()}")
+    if bad[1]:
+        low = int(block_table.min())
+        raise ValueError(f"block_table entries must be chunk ids >= 0 or -1 (empty), got {low}")
+    if bad[2]:
+        rows = repeated.any(-1).nonzero().tolist()
+        b, h = rows[0]
+        chunks = ordered[b, h, 1:][repeated[b, h]].unique().tolist()
+        raise ValueError(
+            "block_table must hold each logical chunk at most once per row (and head): row "
+            f"{b}, head {h} repeats chunks {chunks}"
+        )

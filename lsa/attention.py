@@ -21,6 +21,14 @@ from lsa.reference.dense import reference_dense_attention
 from lsa.reference.select import RECENT_CHUNKS, SINK_CHUNKS, select_chunks
 
 
+def _without_autograd(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under no_grad, inputs that require grad are detached: kernels without a backward (flex on
+    the CPU, Triton) refuse such inputs even when no graph would be recorded."""
+    if torch.is_grad_enabled():
+        return tensors
+    return tuple(t.detach() for t in tensors)
+
+
 def dense_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -108,7 +116,8 @@ def sparse_attention(
             sink_chunks=sink_chunks,
             recent_chunks=recent_chunks,
         )
-    impl = resolve_backend(backend, shape, q, chunk_size, return_lse)
+    impl = resolve_backend(backend, shape, (q, k, v), chunk_size, return_lse)
+    q, k, v = _without_autograd(q, k, v)
     return impl(
         q, k, v, keep, chunk_size=chunk_size, causal=causal, scale=scale, return_lse=return_lse
     )
@@ -156,7 +165,10 @@ def reserve_attention(
     check_bool("return_lse", return_lse)
     backend = check_backend(backend)
     check_reserve(block_table, kv_len, shape, chunk_size, q.device)
-    impl = resolve_reserve_backend(backend, shape, q, chunk_size, return_lse)
+    impl = resolve_reserve_backend(
+        backend, shape, (q, k_reserve, v_reserve), chunk_size, return_lse
+    )
+    q, k_reserve, v_reserve = _without_autograd(q, k_reserve, v_reserve)
     return impl(
         q,
         k_reserve,

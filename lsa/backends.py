@@ -1,8 +1,8 @@
 """Which implementation serves a sparse_attention / reserve_attention call.
 
 "auto" changes only the speed, never the function: every backend is proven against the reference.
-On CUDA it picks from measured H200 figures (see ``_fastest``); on CPU "reference", since compiled
-flex recompiles for every new shape there (see lsa/compiled/flex.py).
+On CUDA it picks from measured H200 figures (see ``_fastest``); on CPU "reference": there is no fast
+sparse kernel there, and compiled flex costs seconds of compilation per shape class.
 """
 
 from __future__ import annotations
@@ -54,7 +54,19 @@ def available_reserve_backends(device: torch.device | str = "cpu") -> tuple[str,
     return names
 
 
-def _why_not(backend: str, q: torch.Tensor, chunk_size: int, return_lse: bool) -> str | None:
+#: backends whose kernels have no backward pass, by device type ("*": every device)
+_NO_BACKWARD = {"flex": ("cpu",), "triton": ("*",)}
+
+
+def _why_not(backend: str, qkv: tuple, chunk_size: int, return_lse: bool) -> str | None:
+    q = qkv[0]
+    devices = _NO_BACKWARD.get(backend, ())
+    no_backward = q.device.type in devices or "*" in devices
+    if no_backward and torch.is_grad_enabled() and any(t.requires_grad for t in qkv):
+        return (
+            f"it has no backward pass on {q.device.type}: run it under torch.no_grad() or on "
+            "detached inputs, or use backend='reference' (differentiable)"
+        )
     if backend == "flex":
         return flex_supports(q, chunk_size)
     if backend == "sdpa":
@@ -64,24 +76,24 @@ def _why_not(backend: str, q: torch.Tensor, chunk_size: int, return_lse: bool) -
     return None
 
 
-def _fastest(kind: str, shape: AttentionShape, q, chunk_size: int, return_lse: bool) -> str:
+def _fastest(kind: str, shape: AttentionShape, qkv, chunk_size: int, return_lse: bool) -> str:
     """Measured on an H200 (bench/README.md). Decode over a reserve: the Triton split-KV kernel
     (1.35x the HBM floor at B = 1, 512K; 0.98x at B = 8, where flex is 15x slower). Longer query
     blocks over a reserve: flex at B * H_kv = 8 and SDPA with a token mask at B * H_kv = 64 (flex's
     decode kernel walks its block lists too slowly there). Over a full cache only flex skips
     dropped chunks. The CPU has no fast sparse kernel."""
-    if q.device.type != "cuda":
+    if qkv[0].device.type != "cuda":
         return "reference"
     order = ("flex", "sdpa") if kind == "reserve" else ("flex",)
     if kind == "reserve" and shape.batch * shape.heads_kv >= 64:
         order = ("sdpa", "flex")
     if kind == "reserve" and shape.len_q <= DECODE_QUERIES:
         order = ("triton", *order)
-    fits = [b for b in order if _why_not(b, q, chunk_size, return_lse) is None]
+    fits = [b for b in order if _why_not(b, qkv, chunk_size, return_lse) is None]
     return fits[0] if fits else "reference"
 
 
-def _resolve(kind, backend, shape: AttentionShape, q, chunk_size: int, return_lse: bool):
+def _resolve(kind, backend, shape: AttentionShape, qkv, chunk_size: int, return_lse: bool):
     if backend not in _IMPLS[kind] and backend != "auto":
         raise ValueError(
             f"backend={backend!r} does not serve {kind} attention; "
@@ -90,20 +102,31 @@ def _resolve(kind, backend, shape: AttentionShape, q, chunk_size: int, return_ls
     if shape.len_q == 0 or shape.len_kv == 0:
         return _IMPLS[kind]["reference"]  # empty attention: nothing for a kernel to do
     if backend == "auto":
-        backend = _fastest(kind, shape, q, chunk_size, return_lse)
-    reason = _why_not(backend, q, chunk_size, return_lse)
+        backend = _fastest(kind, shape, qkv, chunk_size, return_lse)
+    reason = _why_not(backend, qkv, chunk_size, return_lse)
     if reason is not None:
         raise ValueError(f"backend={backend!r} cannot serve this call: {reason}")
     return _IMPLS[kind][backend]
 
 
+def reserve_impl(device: torch.device) -> AttentionImpl:
+    """The decode attention over a reserve for a static-shape step on ``device``: the Triton
+    split-KV kernel on CUDA (per-row lengths, no host sync, capturable), else the reference."""
+    device = torch.device(device)
+    if device.type == "cuda" and triton_available() is None:
+        return triton_reserve_attention
+    return reference_reserve_attention
+
+
 def resolve_backend(
-    backend: str, shape: AttentionShape, q: torch.Tensor, chunk_size: int, return_lse: bool
+    backend: str, shape: AttentionShape, qkv: tuple, chunk_size: int, return_lse: bool
 ) -> AttentionImpl:
-    return _resolve("sparse", backend, shape, q, chunk_size, return_lse)
+    """The implementation for a ``sparse_attention`` call on ``qkv = (q, k, v)``."""
+    return _resolve("sparse", backend, shape, qkv, chunk_size, return_lse)
 
 
 def resolve_reserve_backend(
-    backend: str, shape: AttentionShape, q: torch.Tensor, chunk_size: int, return_lse: bool
+    backend: str, shape: AttentionShape, qkv: tuple, chunk_size: int, return_lse: bool
 ) -> AttentionImpl:
-    return _resolve("reserve", backend, shape, q, chunk_size, return_lse)
+    """The implementation for a ``reserve_attention`` call on ``qkv = (q, k, v)``."""
+    return _resolve("reserve", backend, shape, qkv, chunk_size, return_lse)

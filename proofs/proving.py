@@ -36,13 +36,26 @@ def backend_params(available: Callable[[str], tuple[str, ...]]) -> list:
 def prove(prop, device: str, backend: str, *, examples: int, strategies: dict, explicit=()):
     """Run ``prop(**drawn)`` under Hypothesis with ``examples`` examples (the explicit ones run
     first), or ``examples // COMPILED_SHARE[backend][device]`` (at least 2) for a compiled
-    backend."""
+    backend. Returns how many drawn examples passed; fails if fewer than ``examples`` did (half
+    of them for a compiled backend, which refuses some drawn shapes, e.g. chunks of 3 tokens), so
+    that a strategy rejecting most of what it draws cannot pass while proving little."""
     if backend in COMPILED:
         examples = max(2, examples // COMPILED_SHARE[backend][device])
-    test = given(**strategies)(prop)
+    passed = 0
+
+    def counted(**kwargs):
+        nonlocal passed
+        prop(**kwargs)
+        passed += 1
+
+    test = given(**strategies)(counted)
     for kwargs in explicit:
         test = example(**kwargs)(test)
     settings(max_examples=examples)(test)()
+    drawn = passed - len(explicit)
+    wanted = -(-examples // 2) if backend in COMPILED else examples
+    assert drawn >= wanted, f"only {drawn} of {examples} drawn examples ran to the end"
+    return drawn
 
 
 def call(fn, *args, backend: str, **kwargs):

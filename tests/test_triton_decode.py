@@ -245,6 +245,6 @@ def test_cuda_auto_picks_triton_for_decode(len_q, expected):
 
     q = torch.zeros(1, 8, len_q, 64, device="cuda", dtype=torch.bfloat16)
     shape = AttentionShape(batch=1, heads_q=8, heads_kv=1, len_q=len_q, len_kv=4096, head_dim=64)
-    impl = resolve_reserve_backend("auto", shape, q, 64, False)
+    impl = resolve_reserve_backend("auto", shape, (q,), 64, False)
     assert (impl is triton_reserve_attention) == (expected == "triton")
     assert impl.__name__.startswith(expected)

@@ -226,6 +226,10 @@ RESERVE_CASES = [
     ({"kv_len": torch.tensor([10, 10])}, ValueError, r"kv_len must be an integer tensor of shape"),
     ({"chunk_size": 0}, ValueError, r"chunk_size must be >= 1"),
     ({"causal": None}, TypeError, r"causal must be a bool"),
+    # a chunk in two slots would count its tokens twice; a negative length hides every key
+    ({"block_table": torch.tensor([[[0, 0]]])}, ValueError, r"repeats chunks \[0\]"),
+    ({"block_table": torch.tensor([[[1, -2]]])}, ValueError, r"entries must be chunk ids"),
+    ({"kv_len": torch.tensor([-1])}, ValueError, r"kv_len must be >= 0 in every row"),
 ]
 
 
@@ -239,3 +243,26 @@ def test_reserve_errors(change, exc, pattern) -> None:
 def test_reserve_error_names_k_reserve() -> None:
     with pytest.raises(ValueError, match=r"k_reserve must be 4-D"):
         lsa.reserve_attention(**reserve_args(k_reserve=t(B, HKV, 2 * CHUNK)))
+
+
+def test_zero_head_dim_is_refused() -> None:
+    args, kwargs = sparse_args(q=t(B, HQ, SQ, 0), k=t(B, HKV, SKV, 0), v=t(B, HKV, SKV, 0))
+    with pytest.raises(ValueError, match=r"head dim \(dim 3\) must be >= 1"):
+        lsa.sparse_attention(*args, **kwargs)
+    with pytest.raises(ValueError, match=r"head dim \(dim 3\) must be >= 1"):
+        lsa.dense_attention(*args, enable_gqa=True)
+
+
+def test_backends_without_backward_refuse_inputs_that_need_grad() -> None:
+    """flex has no backward on the CPU: refused by name, not an opaque Dynamo error; under
+    no_grad (or with "reference") the same call runs."""
+    args, kwargs = sparse_args(q=t(B, HQ, SQ, D).requires_grad_())
+    kwargs["chunk_size"] = 16
+    kwargs["keep"] = torch.ones(B, 1, 1, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"backend='flex' cannot serve this call: it has no back"):
+        lsa.sparse_attention(*args, **kwargs, backend="flex")
+    out = lsa.sparse_attention(*args, **kwargs, backend="reference")
+    out.sum().backward()
+    assert args[0].grad is not None
+    with torch.no_grad():
+        assert lsa.sparse_attention(*args, **kwargs, backend="flex").shape == (B, HQ, SQ, D)
