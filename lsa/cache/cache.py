@@ -42,6 +42,7 @@ chunks begun since the last refresh) is resident on top of it and counted in :me
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from numbers import Integral
 
@@ -58,7 +59,8 @@ from lsa.cache.model import attention_modules, check_layer_types, text_config
 from lsa.cache.records import Footprint, RecallStats, RefreshRecord
 from lsa.cache.residency import Residency
 from lsa.cache.resources import check_device, check_request, worst_case_slots
-from lsa.cache.zero_copy import zero_copy_unavailable
+from lsa.cache.static import StaticDecode
+from lsa.cache.zero_copy import zero_copy_unavailable, zero_copy_write
 from lsa.compiled.compact import prefix_attention, prefix_mask, visible_attention
 from lsa.compiled.flex import FlexPlan, flex_attend, flex_supports, reserve_block_mask, use_fold
 from lsa.reference.select import RECENT_CHUNKS, SINK_CHUNKS
@@ -313,6 +315,26 @@ class LSACache(Residency, Cache):
         self._tail_in_mirror = False  # the mirror holds every written token (no tail to copy)
         self._broken: str | None = None  # why this request cannot continue
         self._slot_cap: int | None = None  # the reserve's worst case (max_new_tokens given)
+        self._static: StaticDecode | None = None  # set by begin_static (lsa.generate)
+        #: the prompt's zero-copy mirror writes (see _plan_prefill_writes); None = not planned
+        self._prefill_writes: tuple | bool | None = None
+
+    def begin_static(self, max_new_tokens: int) -> StaticDecode:
+        """Switch this request, right after its prefill, to static-shape decode steps that a CUDA
+        graph can capture (:mod:`lsa.cache.static`); :func:`lsa.generate` drives them. The
+        reserve is allocated once for ``max_new_tokens`` more tokens."""
+        check_int("max_new_tokens", max_new_tokens, minimum=0)
+        if self._open is not None or self._broken is not None:
+            raise RuntimeError(self._interrupted_message())
+        self._static = StaticDecode(self, max_new_tokens)
+        return self._static
+
+    def end_static(self) -> None:
+        """Back to eager decode steps (the completed chunks reach the mirror first)."""
+        if self._static is not None:
+            self._static.finish()
+            self._static.ready()
+            self._static = None
 
     def reset(self) -> None:
         """Drop the request: the next forward must be a new prefill. Settings and hooks stay.
@@ -440,6 +462,8 @@ class LSACache(Residency, Cache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kw
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one layer's new K/V [B, H_kv, S, D]; return what the "lsa" attention reads."""
+        if self._static is not None:  # a static-shape step (lsa.generate): device work only
+            return self._static.update(key_states, value_states, self.layers[layer_idx])
         if layer_idx == 0:
             self._begin_forward(key_states)
         try:
@@ -520,7 +544,11 @@ class LSACache(Residency, Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seq_len
 
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length, layer_idx: int = 0) -> tuple[int, int]:
+        # transformers < 5.2x passes cache_position (a tensor) here, later ones the query length;
+        # a tensor sum would make the mask code read it back from the device (a host sync)
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
         return self.seq_len + query_length, 0
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
@@ -613,17 +641,22 @@ class LSACache(Residency, Cache):
             longest = max([*self.kv_len_host, 1]) + (self.max_new_tokens or 0)
             self.mirror.ensure(-(-longest // cs))
         self.mirror.check_layer(layer.layer_idx, h, d, key.dtype)
+        if self._prefill_writes is None:
+            self._prefill_writes = self._plan_prefill_writes(key.device)
+        if self._prefill_writes:
+            self._write_prompt_zero_copy(layer, key, value)
         for b in range(b_size):
             n = self.kv_len_host[b]
             n_chunks = -(-n // cs)
             if n == 0:
                 continue
             pad = self.pad[b]
-            kv = key.new_zeros((2, h, n_chunks * cs, d))
-            kv[0, :, :n] = key[b, :, pad:]
-            kv[1, :, :n] = value[b, :, pad:]
-            kv = kv.view(2, h, n_chunks, cs, d).permute(2, 0, 1, 3, 4).contiguous()
-            self.mirror.write_chunks(b, 0, layer.layer_idx, kv)  # [n_chunks, 2, H, cs, D]
+            if not self._prefill_writes:
+                kv = key.new_zeros((2, h, n_chunks * cs, d))
+                kv[0, :, :n] = key[b, :, pad:]
+                kv[1, :, :n] = value[b, :, pad:]
+                kv = kv.view(2, h, n_chunks, cs, d).permute(2, 0, 1, 3, 4).contiguous()
+                self.mirror.write_chunks(b, 0, layer.layer_idx, kv)  # [n_chunks, 2, H, cs, D]
             full = n // cs
             if layer.layer_idx in self.target_layers and full > 0:
                 start = torch.arange(full, device=key.device)[None] * cs
@@ -637,6 +670,41 @@ class LSACache(Residency, Cache):
             self._next_layer = 0
             self._refresh()  # for decode step 1, overlapping the rest of the prefill forward
             self._end_forward()
+
+    def _plan_prefill_writes(self, device: torch.device) -> tuple | bool:
+        """Where each prompt chunk goes, for :func:`lsa.cache.zero_copy.zero_copy_write`: device
+        int64 (addresses, rows, first source token, tokens) shared by every layer. False where
+        the prompt goes through plain copies: a mirror that is not pinned host memory, unless
+        ``recall="zero_copy"`` asked for kernels over the mirror (Triton's interpreter on CPU)."""
+        pinned = self.pin and zero_copy_unavailable(self.device) is None
+        if not (pinned or self.recall == "zero_copy"):
+            return False
+        cs = self.chunk_size
+        items = [
+            (b, c, self.pad[b] + c * cs, min(cs, n - c * cs))
+            for b, n in enumerate(self.kv_len_host)
+            for c in range(-(-n // cs))
+        ]
+        if not items:
+            return False
+        t = torch.tensor(items, dtype=torch.int64).T.contiguous()
+        addresses = self.mirror.chunk_addresses(t[0], t[1])
+        return tuple(x.to(device) for x in (addresses, t[0], t[2], t[3]))
+
+    def _write_prompt_zero_copy(self, layer: LSALayer, key: torch.Tensor, value: torch.Tensor):
+        """One layer's prompt K/V -> the pinned mirror by one kernel each, on the side stream:
+        the copy overlaps the next layers' compute (the eager copy went through a pageable host
+        temporary and stalled the prefill, 2.8x dense at 128K)."""
+        stream = self._stream
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            zero_copy_write(
+                (key, value), layer.layer_idx, *self._prefill_writes, chunk_size=self.chunk_size
+            )
+        if stream is not None:
+            key.record_stream(stream)
+            value.record_stream(stream)
 
     def load_prefill(
         self,
@@ -786,6 +854,8 @@ class LSACache(Residency, Cache):
         recall overlaps the rest of this forward (same hidden states, same state as at the start
         of the next step).
         """
+        if self._static is not None:  # the caller (lsa.generate) refreshes between steps
+            return self._static.attention(query, k_reserve, v_reserve, scaling)
         try:
             out = self._decode_attention(query, k_reserve, v_reserve, scaling)
             if layer.layer_idx == self.num_layers - 1:

@@ -56,8 +56,8 @@ class LSALayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cache.update(key_states, value_states, self.layer_idx)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cache.seq_len + query_length, 0
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        return self.cache.get_mask_sizes(query_length)
 
     def get_seq_length(self) -> int:
         return self.cache.seq_len

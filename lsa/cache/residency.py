@@ -279,7 +279,12 @@ class Residency:
         self.grows.append((self.decode_step, n_slots, where))
 
     def _push_block_table(self) -> None:
-        self.block_table = self._to_device(self.bt_host.clone()).view(self.batch, 1, self.n_slots)
+        table = self.bt_host.view(self.batch, 1, self.n_slots)
+        if self.block_table is not None and self.block_table.shape == table.shape:
+            # in place: a captured decode step (lsa.cache.static) reads this very tensor
+            self.block_table.copy_(table, non_blocking=False)
+        else:
+            self.block_table = self._to_device(table.clone())
         self._plan = None  # a flex plan reads the table it was built from
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:

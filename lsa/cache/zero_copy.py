@@ -116,3 +116,84 @@ def zero_copy_recall(
         SLOT_WORDS=slot_bytes // 4,
         BLOCK=min(_BLOCK, triton.next_power_of_2(slot_bytes // 4)),
     )
+
+
+@_jit
+def _write_kernel(
+    src,  # the layer's K or V as words: [B, H, S, D * WORD_RATIO]-shaped through its strides
+    dst_addr,  # int64 [N]: byte address of item i's chunk block [L, 2, H, cs, D] in the mirror
+    rows,  # int64 [N]
+    first_tok,  # int64 [N]: the source position of the chunk's first token (padding skipped)
+    n_tok,  # int64 [N]: tokens of the chunk that exist (the rest is written as zeros)
+    layer_word,  # word offset of this layer's K (or V) inside a chunk block
+    s_b,
+    s_h,
+    s_s,
+    H: tl.constexpr,
+    CS: tl.constexpr,
+    ROW: tl.constexpr,  # words of one token's vector
+    BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.load(rows + i)
+    t0 = tl.load(first_tok + i)
+    n = tl.load(n_tok + i)
+    word = src.dtype.element_ty
+    dst = tl.load(dst_addr + i).to(tl.pointer_type(word)) + layer_word + h * CS * ROW
+    r = tl.arange(0, BLOCK_R)
+    for start in range(0, CS, BLOCK_T):
+        t = start + tl.arange(0, BLOCK_T)
+        inside = (t[:, None] < CS) & (r[None, :] < ROW)
+        there = inside & (t[:, None] < n)
+        x = tl.load(src + b * s_b + h * s_h + (t0 + t[:, None]) * s_s + r[None, :], mask=there)
+        x = tl.where(there, x, tl.zeros_like(x))
+        tl.store(dst + t[:, None] * ROW + r[None, :], x, mask=inside)
+
+
+def zero_copy_write(
+    kv: tuple[torch.Tensor, torch.Tensor],
+    layer: int,
+    dst_addresses: torch.Tensor,
+    rows: torch.Tensor,
+    first_tok: torch.Tensor,
+    n_tok: torch.Tensor,
+    chunk_size: int,
+) -> None:
+    """Write one layer's prompt K and V ([B, H, S, D] on the device, any strides with a unit last
+    one) into the pinned host mirror by one kernel each, on the current stream: item ``i`` is the
+    chunk whose block starts at byte address ``dst_addresses[i]`` (:meth:`HostMirror.
+    chunk_addresses`), taking tokens ``first_tok[i] .. first_tok[i] + n_tok[i] - 1`` of row
+    ``rows[i]`` (zeros past them). Index tensors are int64 on the device. The prefill issues it
+    on a side stream, so the copy overlaps the next layers' compute instead of stalling it."""
+    k = kv[0]
+    _, heads, _, d = k.shape
+    word = {2: torch.int16, 4: torch.int32}.get(k.element_size())
+    if word is None or k.stride(-1) != 1:
+        raise ValueError(
+            f"zero-copy writes move 2- or 4-byte elements with a unit last stride, got {k.dtype} "
+            f"with strides {k.stride()}"
+        )
+    n = dst_addresses.numel()
+    if n == 0:
+        return
+    block_r = triton.next_power_of_2(d)
+    block_t = max(1, min(chunk_size, 4096 // block_r))
+    slot = heads * chunk_size * d  # words of one layer's K (or V) in a chunk block
+    for which, t in enumerate(kv):
+        words = t.view(word)
+        _write_kernel[(n, heads)](
+            words,
+            dst_addresses,
+            rows,
+            first_tok,
+            n_tok,
+            (2 * layer + which) * slot,
+            *words.stride()[:3],
+            H=heads,
+            CS=chunk_size,
+            ROW=d,
+            BLOCK_T=block_t,
+            BLOCK_R=block_r,
+        )
