@@ -27,6 +27,7 @@ bandwidth), and for the eager paths the share of a step's wall time not covered 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 import traceback
@@ -57,11 +58,16 @@ def kv_bytes(model, tokens: int, batch: int) -> int:
     return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 2 * tokens * batch
 
 
-def lsa_cache(model, args) -> LSACache:
+def lsa_cache(model, args, recall: str = "copies") -> LSACache:
     layer = model.config.num_hidden_layers // 2
     scorer = MeanKeyScorer(model, (layer,), args.chunk)
     return LSACache(
-        model, scorer, budget=args.budget, refresh_every=args.tau, chunk_size=args.chunk
+        model,
+        scorer,
+        budget=args.budget,
+        refresh_every=args.tau,
+        chunk_size=args.chunk,
+        recall=recall,
     )
 
 
@@ -151,6 +157,10 @@ def run_graph(model, ids, cache, args, device, method: str) -> dict:
     row["tok_s"] = ids.shape[0] * 1e3 / row["ms_per_token"]
     if isinstance(cache, LSACache):
         row["device_kv_bytes"] = cache.footprint().device_bytes
+        later = cache.refreshes[1:]  # the prefill's refresh recalls the whole first set
+        row["recalled_bytes_per_refresh"] = (
+            sum(r.recalled_bytes for r in later) / len(later) if later else 0
+        )
     return row
 
 
@@ -168,10 +178,9 @@ def check_capture(model, args, device) -> dict:
             lsa.generate(model, ids, cache=make(), max_new_tokens=150, graph=graph)
             for graph in (False, True)
         ]
-        same = torch.equal(runs[0], runs[1])
-        out[name] = same
-        if not same:
-            raise AssertionError(f"{name}: the captured step's tokens differ from the eager loop's")
+        out[name] = torch.equal(runs[0], runs[1])
+        if not out[name]:  # reported, and the rows of that cache are marked unverified
+            print(f"CHECK FAILED: {name}: captured tokens differ from the eager loop's", flush=True)
     return out
 
 
@@ -188,6 +197,7 @@ def run_config(model, length: int, batch: int, args, device, floor_bw: float) ->
         ),
         "lsa_eager": ("lsa", lambda: lsa_cache(model, args), run_eager),
         "lsa_graph": ("lsa", lambda: lsa_cache(model, args), run_graph),
+        "lsa_graph_zero_copy": ("lsa", lambda: lsa_cache(model, args, "zero_copy"), run_graph),
     }
     for method, (attn, make, runner) in methods.items():
         if method not in args.methods:
@@ -215,8 +225,11 @@ def run_config(model, length: int, batch: int, args, device, floor_bw: float) ->
             floor_ms=1e3 * (weight_bytes(model) + kv) / floor_bw if floor_bw else None,
             dense_kv_bytes=kv_bytes(model, length, batch),
         )
+        checked = args.checked.get("lsa" if method.startswith("lsa") else "dense_static")
+        row["capture_verified"] = checked if method.endswith(("graph", "zero_copy")) else None
         rows.append(row)
         print(_line(row), flush=True)
+        gc.collect()
     return rows
 
 
@@ -245,7 +258,13 @@ def main(argv=None) -> None:
     p.add_argument(
         "--methods",
         nargs="+",
-        default=["dense_dynamic", "dense_static_graph", "lsa_eager", "lsa_graph"],
+        default=[
+            "dense_dynamic",
+            "dense_static_graph",
+            "lsa_eager",
+            "lsa_graph",
+            "lsa_graph_zero_copy",
+        ],
     )
     p.add_argument("--device", default="cuda")
     p.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
@@ -258,9 +277,14 @@ def main(argv=None) -> None:
     max_len = max(args.lengths) + args.new + 64
     model = build_model(args.layers, max_len, shapes, device, dtype)
     floor_bw = copy_bandwidth(device) if device.type == "cuda" else 0.0
-    extra = {"copy_bandwidth": floor_bw, "weight_bytes": weight_bytes(model), "args": vars(args)}
+    extra = {
+        "copy_bandwidth": floor_bw,
+        "weight_bytes": weight_bytes(model),
+        "args": dict(vars(args)),
+    }
+    args.checked = {}
     if not args.no_check and device.type == "cuda":
-        extra["capture_check"] = check_capture(model, args, device)
+        args.checked = extra["capture_check"] = check_capture(model, args, device)
         print("capture check:", extra["capture_check"], flush=True)
     rows = []
     for batch in args.batch:

@@ -130,13 +130,25 @@ def generate(
     eos_t = torch.tensor(eos or [-1], device=device)
     unfinished = ~_is_eos(first, eos_t)
     ids = first[:, None].clone()
+    dense_mask = None
     pos = positions[:, -1:] + 1
     cache_position = torch.full((1,), s, dtype=torch.long, device=device)
     step_idx = torch.ones(1, dtype=torch.long, device=device)
     static = cache.begin_static(max_new_tokens - 1) if lsa_cache else None
     extra = {"cache_position": cache_position} if takes_cache_position else {}
+    if not lsa_cache:
+        # A dense static cache holds max_cache_len slots, most of them empty: a 4-D mask (passed
+        # through as it is) hides them; transformers would otherwise drop the mask of a one-token
+        # query, or check a 2-D one on the host, which a captured step cannot do.
+        length = _max_cache_len(cache)
+        extra["attention_mask"] = dense_mask = torch.zeros(
+            (b_size, 1, 1, length), dtype=torch.bool, device=device
+        )
+        dense_mask[:, 0, 0, :s] = attention_mask.bool()
 
     def step() -> None:
+        if dense_mask is not None:  # the new token's slot becomes visible
+            dense_mask.index_fill_(-1, cache_position, True)
         logits = model(
             input_ids=ids,
             position_ids=pos,
@@ -185,6 +197,21 @@ def generate(
     if first_replay is not None:
         stats.replay_s = timer.last - first_replay
     return torch.cat([input_ids, out[:, : _length(out[:, :n], eos_t)]], dim=1)
+
+
+def _max_cache_len(cache) -> int:
+    """Slots of a transformers static cache (the accessor moved between 5.17 and 5.2x)."""
+    if hasattr(cache, "get_max_cache_shape"):
+        length = cache.get_max_cache_shape()
+    else:
+        layers = getattr(cache, "layers", None) or [None]
+        length = getattr(cache, "max_cache_len", None) or getattr(layers[0], "max_cache_len", 0)
+    if not isinstance(length, int) or length <= 0:
+        raise TypeError(
+            f"cache must be an lsa.LSACache or a static transformers cache (max_cache_len), got "
+            f"{type(cache).__name__}"
+        )
+    return int(length)
 
 
 def _is_eos(tokens: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:

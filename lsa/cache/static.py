@@ -113,12 +113,7 @@ class StaticDecode:
         last one go to the mirror and get their chunk keys, then the usual refresh runs, and
         its results land in the device tensors the captured step reads."""
         cache = self.cache
-        if self.completed:
-            cache._completing = self.completed
-            for layer in cache.layers:
-                cache._complete_chunks(layer)
-            cache._completing = []
-            self.completed = []
+        self._mirror_completed()
         grows = len(cache.grows)
         cache._refresh()
         if len(cache.grows) != grows:
@@ -146,6 +141,11 @@ class StaticDecode:
     def finish(self) -> None:
         """After the last step: completed chunks to the mirror (the partial one stays in the
         tail, as after an eager step; :meth:`LSACache.flush` copies it)."""
+        self._mirror_completed()
+
+    def _mirror_completed(self) -> None:
+        """The chunks completed since the last refresh: to the mirror, every layer, and their
+        chunk keys (what the eager step does as each chunk completes)."""
         cache = self.cache
         if self.completed:
             cache._completing = self.completed
