@@ -22,6 +22,7 @@ dense baseline captured by the same loop.
 from __future__ import annotations
 
 import inspect
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -43,7 +44,9 @@ class GenerateStats:
     steps: int = 0
     captures: int = 0  # CUDA graphs captured (1 for a whole generation when nothing reallocates)
     refreshes: int = 0
-    refresh_s: float = 0.0  # host time spent in refreshes (between replays)
+    #: host time spent issuing refreshes between replays (no device sync: a lagged refresh's
+    #: copies run on behind the replays; their cost shows in replay_s)
+    refresh_s: float = 0.0
     replays: int = 0  # steps run by replaying the captured graph
     replay_s: float = 0.0  # from the first replay to the end (refreshes between them included)
     notes: list[str] = field(default_factory=list)
@@ -108,19 +111,33 @@ def generate(
     kwarg = cache_kwarg(model)
     takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
 
+    own_limit = cache.max_new_tokens if lsa_cache else None
+    if own_limit is not None and own_limit < max_new_tokens:
+        raise ValueError(
+            f"max_new_tokens ({max_new_tokens}) exceeds the cache's max_new_tokens ({own_limit})"
+        )
+
     timer = _Timer(device)
     # -- prefill (eager) --------------------------------------------------------------------
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     extra = {"cache_position": torch.arange(s, device=device)} if takes_cache_position else {}
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=positions,
-        use_cache=True,
-        logits_to_keep=1,
-        **{kwarg: cache},
-        **extra,
-    ).logits[:, -1]
+    if lsa_cache:
+        # the whole request's mirror is allocated (and checked) at the prefill: a mirror that
+        # grows mid-decode pins new host memory, a stall of hundreds of ms at long context
+        cache.max_new_tokens = max_new_tokens
+    try:
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{kwarg: cache},
+            **extra,
+        ).logits[:, -1]
+    finally:
+        if lsa_cache:
+            cache.max_new_tokens = own_limit
     stats.prefill_s = timer.lap()
 
     # -- static buffers the decode step reads and writes in place -----------------------------
@@ -171,10 +188,10 @@ def generate(
     try:
         while n < max_new_tokens:
             if static is not None and static.refresh_due():
-                t0 = timer.now()
+                t0 = time.perf_counter()
                 static.refresh()
                 stats.refreshes += 1
-                stats.refresh_s += timer.now() - t0
+                stats.refresh_s += time.perf_counter() - t0
             if n % STOP_CHECK_EVERY == 0 and not bool(unfinished.any()):
                 break  # a host sync: only every STOP_CHECK_EVERY steps
             if static is not None:
@@ -243,8 +260,6 @@ class _Timer:
         self.last = self.now()
 
     def now(self) -> float:
-        import time
-
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()

@@ -235,22 +235,27 @@ def test_keep_masks_follow_the_policy_at_every_refresh(policy):
 
 
 @pytest.mark.parametrize(
-    ("backend", "cs", "lengths"),
+    ("backend", "cs", "lengths", "lag"),
     [
-        ("reference", 8, [90, 61]),
-        ("flex", 16, [170, 121]),
-        ("compact", 8, [90, 61]),
-        ("compact", 16, [170, 121]),
-        ("compact", 16, [77]),
+        ("reference", 8, [90, 61], 0),
+        ("flex", 16, [170, 121], 0),
+        ("compact", 8, [90, 61], 0),
+        ("compact", 16, [170, 121], 0),
+        ("compact", 16, [77], 0),
+        ("compact", 8, [90, 61], 3),
+        ("reference", 4, [45, 30], 4),
     ],
 )
-def test_sparse_decode_equals_reference_over_the_full_history(backend, cs, lengths):
+def test_sparse_decode_equals_reference_over_the_full_history(backend, cs, lengths, lag):
     """Each decode step's attention = lsa.sparse_attention over the whole logical history with
     keep = the chunks in the block table (resident set + tail), for each reserve backend (flex
-    reuses one plan across layers and steps until the block table changes)."""
+    reuses one plan across layers and steps until the block table changes), and with a recall
+    lag (chunks begun during the lag kept in the tail)."""
     model = lsa_model()
     ids, mask = prompt(lengths)
-    cache = make_cache(model, budget=0.3, chunk_size=cs, refresh_every=5, backend=backend)
+    cache = make_cache(
+        model, budget=0.3, chunk_size=cs, refresh_every=5, backend=backend, recall_lag=lag
+    )
     rec = Recorder(cache)
     inner = cache.decode_attention
     checked = []
@@ -286,6 +291,63 @@ def test_sparse_decode_equals_reference_over_the_full_history(backend, cs, lengt
     assert len(checked) == 24 * 3 * len(lengths)
     assert cache.compact_fallbacks == {}
     assert sum(checked) > len(checked) // 2, "most checks must run with chunks evicted"
+
+
+@pytest.mark.parametrize(("lag", "tau", "cs"), [(3, 8, 8), (5, 6, 4), (1, 2, 8)])
+def test_lagged_refresh_places_its_set_lag_steps_later(lag, tau, cs):
+    """With recall_lag L, the set chosen after decode step t is in use from step t + 1 + L; the
+    steps between read the previous set (plus every chunk begun since), and the first set, the
+    prefill's, is used at once. The mirror still holds every token written."""
+    model = lsa_model()
+    ids, mask = prompt([75, 52])
+    cache = make_cache(model, chunk_size=cs, refresh_every=tau, budget=3, recall_lag=lag)
+    rec = Recorder(cache)
+    seen = {}  # decode step -> per row, the chunks in the block table
+    inner = cache.decode_attention
+
+    def watching(layer, query, k_res, v_res, scaling):
+        if layer.layer_idx == 0:
+            seen[cache.decode_step] = cache.resident_chunks()
+        return inner(layer, query, k_res, v_res, scaling)
+
+    cache.decode_attention = watching
+    new = 30
+    generate(model, ids, mask, cache, new)
+    chosen_after = range(tau, new - 1, tau)  # decode steps after which a lagged refresh ran
+    expected = [1] + [t + 1 + lag for t in chosen_after if t + 1 + lag <= new - 1]
+    assert [r.step for r in cache.refreshes] == expected
+    assert cache._pending is None or cache._pending.step > new - 1
+    for step, resident in seen.items():
+        placed = max((r for r in cache.refreshes if r.step <= step), key=lambda r: r.step)
+        for b in range(2):
+            kept = placed.keep[b].nonzero().flatten().tolist()
+            n_done = placed.kv_len[b] // cs
+            tail = resident[b][len(kept) :]
+            assert resident[b][: len(kept)] == kept, (step, b)
+            assert tail == list(range(n_done, n_done + len(tail))), "a consecutive tail"
+            written = placed.kv_len[b] + step - placed.step + (lag if placed.step > 1 else 0)
+            assert tail[-1] == written // cs  # the chunk of the token this step writes
+    # the lag is observable: some lagged refresh changed the kept set
+    keeps = [[k.nonzero().flatten().tolist() for k in r.keep] for r in cache.refreshes]
+    assert any(keeps[i] != keeps[i - 1] for i in range(1, len(keeps)))
+    cache.flush()
+    for layer in range(model.config.num_hidden_layers):
+        k_all, v_all = rec.full(layer)
+        for b, (k, v) in enumerate(cache.mirror_kv(layer)):
+            pad = cache.pad[b]
+            assert k.shape[1] == k_all.shape[2] - pad
+            torch.testing.assert_close(k, k_all[b, :, pad:])
+            torch.testing.assert_close(v, v_all[b, :, pad:])
+
+
+def test_recall_lag_is_checked():
+    model = lsa_model()
+    with pytest.raises(ValueError, match=r"recall_lag \(8\) must be < refresh_every \(8\)"):
+        make_cache(model, budget=2, refresh_every=8, recall_lag=8)
+    with pytest.raises(ValueError, match="recall_lag must be"):
+        make_cache(model, budget=2, recall_lag=-1)
+    with pytest.raises(ValueError, match="needs recall='copies'"):
+        make_cache(model, budget=2, recall_lag=2, recall="zero_copy")
 
 
 def test_reset_isolates_requests():

@@ -27,19 +27,29 @@ def _compare(model, lengths, new_tokens, **cache_kw):
 
 
 @pytest.mark.parametrize(
-    ("lengths", "budget", "refresh_every"),
-    [([70], 3, 8), ([37, 90], 0.3, 8), ([100, 16, 53], 4, 5), ([48], 2, 16)],
+    ("lengths", "budget", "refresh_every", "lag"),
+    [
+        ([70], 3, 8, 0),
+        ([37, 90], 0.3, 8, 0),
+        ([100, 16, 53], 4, 5, 0),
+        ([48], 2, 16, 0),
+        ([37, 90], 0.3, 8, 3),
+        ([100, 16, 53], 4, 5, 4),
+        ([70], 2, 16, 15),
+    ],
 )
-def test_static_step_equals_the_eager_cache(lengths, budget, refresh_every):
+def test_static_step_equals_the_eager_cache(lengths, budget, refresh_every, lag):
     """Same tokens, same resident sets at every refresh, the same mirror (chunk ends, partial
-    chunks, rows of different lengths, refreshes inside the generation). The decode attention
-    differs (block table vs compacted prefix), so generated K/V agree to fp32 rounding."""
+    chunks, rows of different lengths, refreshes inside the generation, a recall lag whose
+    placement moves chunks completed since the last refresh). The decode attention differs
+    (block table vs compacted prefix), so generated K/V agree to fp32 rounding."""
     model = lsa_model()
     eager, static, ec, sc, stats = _compare(
-        model, lengths, 40, budget=budget, refresh_every=refresh_every
+        model, lengths, 40, budget=budget, refresh_every=refresh_every, recall_lag=lag
     )
     assert torch.equal(eager, static)
-    assert stats.refreshes == len(sc.refreshes) - 1 > 0  # the prefill ran the first one
+    assert [r.step for r in ec.refreshes] == [r.step for r in sc.refreshes]
+    assert stats.refreshes == len(sc.refreshes) - 1 + (sc._pending is not None) > 0
     assert [r.resident for r in ec.refreshes] == [r.resident for r in sc.refreshes]
     ec.flush()
     sc.flush()
@@ -105,9 +115,11 @@ def test_bad_arguments():
 
 
 @pytest.mark.gpu
-def test_captured_step_equals_eager_static_step_cuda():
+@pytest.mark.parametrize("lag", [0, 5])
+def test_captured_step_equals_eager_static_step_cuda(lag):
     """On CUDA: the graph-captured generation gives the tokens of the same loop run eagerly, with
-    one capture for a 1024-token generation (63 refreshes between replays) and no recompile."""
+    one capture for a 1024-token generation (63 refreshes between replays, their recall on the
+    side stream, behind the replays with a lag) and no recompile."""
     model = lsa_model().cuda()
     ids, mask = prompt([300, 170])
     ids, mask = ids.cuda(), mask.cuda()
@@ -115,7 +127,7 @@ def test_captured_step_equals_eager_static_step_cuda():
     graphs = counters["stats"]["unique_graphs"]
     for graph in (False, True):
         st = GenerateStats()
-        cache = make_cache(model, budget=4, refresh_every=16)
+        cache = make_cache(model, budget=4, refresh_every=16, recall_lag=lag)
         outs.append(
             lsa.generate(
                 model,
@@ -131,3 +143,18 @@ def test_captured_step_equals_eager_static_step_cuda():
     assert torch.equal(outs[0], outs[1])
     assert stats[1].captures == 1 and stats[1].refreshes == 1023 // 16
     assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled during generation
+
+
+def test_the_mirror_is_allocated_for_the_whole_request_at_the_prefill():
+    """lsa.generate tells the cache its max_new_tokens for the prefill: one mirror segment for
+    prompt + new tokens (no host allocation mid-decode), the user's setting left as it was."""
+    model = lsa_model()
+    ids, mask = prompt([40, 70])
+    cache = make_cache(model, budget=2)
+    lsa.generate(model, ids, cache=cache, attention_mask=mask, max_new_tokens=60, graph=False)
+    assert len(cache.mirror.segments) == 1
+    assert cache.mirror.capacity * cache.chunk_size >= 70 + 60
+    assert cache.max_new_tokens is None
+    limited = make_cache(model, budget=2, max_new_tokens=10)
+    with pytest.raises(ValueError, match=r"max_new_tokens \(11\) exceeds the cache's"):
+        lsa.generate(model, ids, cache=limited, max_new_tokens=11, graph=False)

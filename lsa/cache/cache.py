@@ -57,7 +57,7 @@ from lsa.cache.layer import LSALayer
 from lsa.cache.mirror import HostMirror
 from lsa.cache.model import attention_modules, check_layer_types, text_config
 from lsa.cache.records import Footprint, RecallStats, RefreshRecord
-from lsa.cache.residency import Residency
+from lsa.cache.residency import Residency, Selection
 from lsa.cache.resources import check_device, check_request, worst_case_slots
 from lsa.cache.static import StaticDecode
 from lsa.cache.zero_copy import zero_copy_unavailable, zero_copy_write
@@ -110,6 +110,12 @@ class LSACache(Residency, Cache):
             copy per run of consecutive chunks (all layers at once) into a staging buffer, then
             a device scatter. ``"zero_copy"``: one Triton kernel reading the pinned mirror
             directly (:mod:`lsa.cache.zero_copy`; CUDA, or Triton's interpreter on CPU).
+        recall_lag: decode steps between a refresh's selection and the step its new set is
+            used from (``0 <= recall_lag < refresh_every``). 0: at once, the recall on the
+            critical path. L > 0: the newly resident chunks are fetched into a device staging
+            buffer behind the next L decode steps, which still read the previous set, so the
+            host -> device copies hide behind decode (copies only; the set the prefill's
+            refresh chooses is used at once).
         max_new_tokens: the most tokens a request generates (``generate()`` does not tell its
             cache). When given, a request's prefill first checks that the host mirror for the
             prompt plus ``max_new_tokens`` tokens and the device reserve at its worst case for the
@@ -139,6 +145,7 @@ class LSACache(Residency, Cache):
         backend: str = "auto",
         resident_sets: str = "shared",
         recall: str = "copies",
+        recall_lag: int = 0,
         max_new_tokens: int | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
@@ -190,6 +197,17 @@ class LSACache(Residency, Cache):
         if recall == "zero_copy" and (why := zero_copy_unavailable(self.device)) is not None:
             raise ValueError(f"recall='zero_copy' cannot run: {why}")
         self.recall = recall
+        self.recall_lag = check_int("recall_lag", recall_lag, minimum=0)
+        if self.recall_lag >= self.refresh_every:
+            raise ValueError(
+                f"recall_lag ({self.recall_lag}) must be < refresh_every ({self.refresh_every}): "
+                "a refresh's set must be in use before the next refresh chooses"
+            )
+        if self.recall_lag and recall != "copies":
+            raise ValueError(
+                f"recall_lag={self.recall_lag} needs recall='copies' (the chunks are fetched into "
+                f"a staging buffer ahead of time); recall={recall!r} writes the reserve directly"
+            )
         #: the decode attention actually used for S_q = 1 ("compact" or a reserve_attention one)
         self.decode_backend = (
             "compact"
@@ -289,6 +307,7 @@ class LSACache(Residency, Cache):
         self._captures: dict[int, dict[int, torch.Tensor]] = {}  # thread -> layer -> [B, hidden]
         self.chunk_keys: dict[int, torch.Tensor] = {}
         self.refreshes: list[RefreshRecord] = []
+        self._pending: Selection | None = None  # a lagged refresh's set, not yet placed
         #: reserve reallocations: (decode step, new n_slots, "refresh" or "decode")
         self.grows: list[tuple[int, int, str]] = []
         self._ingested: set[int] = set()
@@ -581,7 +600,10 @@ class LSACache(Residency, Cache):
             sink_chunks=self.sink_chunks,
             recent_chunks=self.recent_chunks,
             refresh_every=self.refresh_every,
+            recall_lag=self.recall_lag,
         )
+        # a lagged refresh stages its new chunks before placing them: at worst a whole set
+        staged = slots if self.recall_lag else 0
         check_request(
             needs=[
                 (
@@ -593,8 +615,9 @@ class LSACache(Residency, Cache):
                 (
                     self.device,
                     "the device reserve",
-                    b_size * slots * chunk_bytes,
-                    f"worst case {slots} chunks a row",
+                    b_size * (slots + staged) * chunk_bytes,
+                    f"worst case {slots} chunks a row"
+                    + (f" and {staged} staged by a lagged refresh" if staged else ""),
                 ),
             ],
             request=f"batch {b_size}, {s} prompt + {new} new tokens, {self.num_layers} layers",
@@ -796,6 +819,8 @@ class LSACache(Residency, Cache):
     def _begin_decode_step(self) -> None:
         """Before layer 0 of a decode step: find each row's write slot."""
         cs = self.chunk_size
+        if self._pending is not None and self._pending.step == self.decode_step + 1:
+            self._apply_pending()
         # a chunk that begins takes the tail's next slot; grow first, so that a failed
         # allocation leaves every count and slot as it was
         top = max(

@@ -8,6 +8,13 @@ mirror (``"copies"``: one host -> device copy per run of consecutive chunks, all
 then a device scatter; ``"zero_copy"``: one Triton kernel reading the pinned mirror), grows the
 reserve when a row needs more slots, and pushes the block table.
 
+With ``recall_lag`` L > 0, a refresh at a decode step selects at once but its new set takes
+effect L steps later: the newly resident chunks are fetched from the mirror into a device staging
+buffer on the side stream while those L steps run on the previous set (so the copies hide behind
+decode), and the placement (device moves, a scatter from staging, the block table) happens before
+step t + 1 + L. The chunks begun during the lag stay in the tail. The first refresh, after the
+prefill, always takes effect at once: there is no previous set to decode with.
+
 A refresh first copies each row's partial chunk to the mirror, so that if anything after that
 fails (the scorer, an allocation, a recall), the mirror holds every token written so far although
 the reserve is half rearranged; ``_refreshing`` names the stage for the error's note.
@@ -17,12 +24,30 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 
 from lsa.cache.records import RefreshRecord
 from lsa.cache.zero_copy import zero_copy_recall
 from lsa.reference.select import select_chunks
+
+
+@dataclass
+class Selection:
+    """What a refresh decided, before it is placed: per row the kept chunks and the scores."""
+
+    step: int  # the decode step (1-based) from which the set is used
+    kv_len: list[int]  # logical tokens per row when selecting
+    n_done: list[int]  # completed chunks per row when selecting: the new tail begins there
+    kept: list[list[int]]
+    keep: list[torch.Tensor]
+    logits: list[torch.Tensor | None]
+    #: recall_lag > 0: the newly resident chunks already fetched, [n, L, 2, H, cs, D] on the
+    #: device, their (row, chunk) -> index there, and the event the fetch recorded
+    staged: torch.Tensor | None = None
+    staged_index: dict[tuple[int, int], int] | None = None
+    fetched: torch.cuda.Event | None = None
 
 
 class Residency:
@@ -33,12 +58,26 @@ class Residency:
         self._mirror_partial()
         self._tail_in_mirror = True
         self._refreshing = "scoring"
-        self._select_and_place()
+        lag = self.recall_lag if self.decode_step > 0 else 0
+        chosen = self._select(self.decode_step + 1 + lag)
+        if lag:
+            self._refreshing = "fetching the newly resident chunks"
+            self._fetch_ahead(chosen)
+            self._pending = chosen
+        else:
+            self._apply(chosen)
         self._tail_in_mirror = False
         self._refreshing = None
 
-    def _select_and_place(self) -> None:
-        """Score, select, make room, place (device moves, recalls) and push the block table."""
+    def _apply_pending(self) -> None:
+        """Place the set a lagged refresh chose (before the decode step it was chosen for)."""
+        chosen, self._pending = self._pending, None
+        self._refreshing = "placing the chunks a lagged refresh chose"
+        self._apply(chosen)
+        self._refreshing = None
+
+    def _select(self, step: int) -> Selection:
+        """Score every row's completed chunks and pick the ones to keep."""
         cs = self.chunk_size
         n_done = [n // cs for n in self.kv_len_host]
         n_max = max(n_done, default=0)
@@ -55,15 +94,16 @@ class Residency:
             )
             keys = {i: self.chunk_keys[i][:, :n_max] for i in self.target_layers}
             hidden = {i: self.hidden[i] for i in self.target_layers}
+            extra = {} if self._tokens is None else {"token_ids": self._tokens.view()}  # issue 17
             with torch.no_grad():
-                logits = self.scorer.score(hidden, position, keys)
+                logits = self.scorer.score(hidden, position, keys, **extra)
             if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (self.batch, n_max):
                 got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
                 raise ValueError(
                     f"scorer.score must return logits [B={self.batch}, n_chunks={n_max}], got {got}"
                 )
             logits_cpu = logits.detach().float().cpu()
-        keeps, row_logits, wants = [], [], []
+        chosen = Selection(step, list(self.kv_len_host), n_done, [], [], [])
         for b in range(self.batch):
             n = n_done[b]
             if n > 0:
@@ -82,23 +122,32 @@ class Residency:
                 )[0, 0]
             else:
                 row, keep = None, torch.zeros(0, dtype=torch.bool)
-            kept = sorted(keep.nonzero().flatten().tolist())
-            partial = n if self.kv_len_host[b] % cs else None  # the tail: always resident
-            keeps.append(keep)
-            row_logits.append(row)
-            wants.append((kept, partial))
-        # make room: kept chunks, the partial chunk, and the chunks the next τ tokens begin (at
-        # most ceil(τ / cs) beyond the partial one), so decode steps never reallocate
+            chosen.kept.append(sorted(keep.nonzero().flatten().tolist()))
+            chosen.keep.append(keep)
+            chosen.logits.append(row)
+        return chosen
+
+    def _apply(self, chosen: Selection) -> None:
+        """Make room, place (device moves, recalls) and push the block table."""
+        cs = self.chunk_size
+        # the tail: chunks from the first one not scored to the one being written (one chunk, or
+        # none, unless chunks began during a recall lag)
+        wants = [
+            (kept, list(range(chosen.n_done[b], -(-self.kv_len_host[b] // cs))))
+            for b, kept in enumerate(chosen.kept)
+        ]
+        # make room: kept chunks, the tail, and the chunks the next τ tokens begin (at most
+        # ceil(τ / cs) beyond the tail), so decode steps never reallocate
         tail_room = math.ceil(self.refresh_every / cs)
-        need = max(len(k) + (p is not None) for k, p in wants) + tail_room
+        need = max(len(k) + len(t) for k, t in wants) + tail_room
         if need > self.n_slots:
             self._refreshing = "growing the device reserve"
             self._grow_to(need, "refresh")
         self._refreshing = "placing and recalling chunks"
         plan: list[list[tuple[int, int]]] = []
         moves: list[tuple[int, int, int]] = []  # (row, from slot, to slot), on the device
-        for b, (kept, partial) in enumerate(wants):
-            slots, row_moves, recalls = self._place(self.slot_of[b], kept, partial)
+        for b, (kept, tail) in enumerate(wants):
+            slots, row_moves, recalls = self._place(self.slot_of[b], kept, tail)
             self.slot_of[b] = slots
             self.bt_host[b] = -1
             for c, slot in slots.items():
@@ -106,17 +155,20 @@ class Residency:
             moves += [(b, src, dst) for src, dst in row_moves]
             plan.append(recalls)
             self.n_kept[b] = len(kept)
-            self.tail_first[b] = n_done[b]
-            self.visible[b] = (len(kept) - n_done[b]) * cs + self.kv_len_host[b]
+            self.tail_first[b] = chosen.n_done[b]
+            self.visible[b] = (len(kept) - chosen.n_done[b]) * cs + self.kv_len_host[b]
         self._move(moves)
-        moved = self._recall(plan)
+        if chosen.staged is not None:
+            moved = self._scatter_staged(chosen, plan)
+        else:
+            moved = self._recall(plan)
         self._push_block_table()
         self.refreshes.append(
             RefreshRecord(
-                step=self.decode_step + 1,
-                kv_len=list(self.kv_len_host),
-                logits=row_logits,
-                keep=keeps,
+                step=chosen.step,
+                kv_len=chosen.kv_len,
+                logits=chosen.logits,
+                keep=chosen.keep,
                 resident=[sorted(s) for s in self.slot_of],
                 recalled=[len(p) for p in plan],
                 recalled_bytes=moved,
@@ -125,20 +177,19 @@ class Residency:
 
     @staticmethod
     def _place(
-        old: dict[int, int], kept: list[int], partial: int | None
+        old: dict[int, int], kept: list[int], tail: list[int]
     ) -> tuple[dict[int, int], list[tuple[int, int]], list[tuple[int, int]]]:
         """One row's new slots, compacted: kept chunks in slots 0..len(kept)-1 (a chunk already
-        there stays), the partial chunk in slot len(kept). Returns (chunk -> slot, device moves
-        [(from, to)] of chunks already resident elsewhere, recalls [(chunk, slot)] from the
-        mirror, sorted by chunk). Everything else is evicted."""
+        there stays), the tail's consecutive chunks right after them. Returns (chunk -> slot,
+        device moves [(from, to)] of chunks already resident elsewhere, recalls [(chunk, slot)]
+        from the mirror, sorted by chunk). Everything else is evicted."""
         r = len(kept)
         slots = {c: old[c] for c in kept if c in old and old[c] < r}
         taken = set(slots.values())
         holes = iter(s for s in range(r) if s not in taken)
         moves, recalls = [], []
         todo = [(c, next(holes)) for c in kept if c not in slots]
-        if partial is not None:
-            todo.append((partial, r))
+        todo += [(c, r + i) for i, c in enumerate(tail)]
         for c, slot in todo:
             slots[c] = slot
             if c not in old:
@@ -209,23 +260,80 @@ class Residency:
     def _recall_copies(self, plan: list[list[tuple[int, int]]], n_total: int) -> None:
         """Per run of chunks one host -> device copy of all layers into a staging buffer (on
         the side stream: it is freed there), then per layer one scatter of K and one of V."""
-        mirror = self.mirror
-        staging = torch.empty(
-            (n_total, *mirror.segments[0].shape[2:]), dtype=mirror.dtype, device=self.device
-        )
-        j = 0
-        for b, pairs in enumerate(plan):
-            for first, count in _runs([c for c, _ in pairs]):
-                for off, view in mirror.runs(b, first, count):
-                    staging[j + off : j + off + view.shape[0]].copy_(view, non_blocking=self.pin)
-                    self.recall_stats.copies += 1
-                j += count
+        staging = self._fetch([[c for c, _ in pairs] for pairs in plan], n_total)
         index = [(b, slot) for b, pairs in enumerate(plan) for _, slot in pairs]
         idx = self._to_device(torch.tensor(index, dtype=torch.long).T.contiguous())
         rows, slots = idx[0], idx[1]
         for i, layer in enumerate(self.layers):
             layer.reserve_k[rows, :, slots] = staging[:, i, 0]
             layer.reserve_v[rows, :, slots] = staging[:, i, 1]
+
+    def _fetch(self, chunks: list[list[int]], n_total: int) -> torch.Tensor:
+        """Per row the given sorted chunks, all layers, mirror -> a new device buffer
+        [n_total, L, 2, H, cs, D] (rows in order): one copy per run of consecutive chunks."""
+        mirror = self.mirror
+        staging = torch.empty(
+            (n_total, *mirror.segments[0].shape[2:]), dtype=mirror.dtype, device=self.device
+        )
+        j = 0
+        for b, row in enumerate(chunks):
+            for first, count in _runs(row):
+                for off, view in mirror.runs(b, first, count):
+                    staging[j + off : j + off + view.shape[0]].copy_(view, non_blocking=self.pin)
+                    self.recall_stats.copies += 1
+                j += count
+        return staging
+
+    def _fetch_ahead(self, chosen: Selection) -> None:
+        """recall_lag > 0: fetch the chunks ``chosen`` makes newly resident into staging now (on
+        the side stream, behind the decode steps of the lag); :meth:`_apply` scatters them. The
+        reserve is not touched: the steps of the lag still read the previous set."""
+        chunks = [
+            [c for c in kept if c not in self.slot_of[b]] for b, kept in enumerate(chosen.kept)
+        ]
+        chosen.staged_index = {
+            (b, c): j
+            for j, (b, c) in enumerate((b, c) for b, row in enumerate(chunks) for c in row)
+        }
+        n_total = len(chosen.staged_index)
+        if n_total == 0:
+            return
+        stream = self._stream
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))  # the mirror writes
+            timing = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            timing[0].record(stream)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            chosen.staged = self._fetch(chunks, n_total)
+        if stream is not None:
+            timing[1].record(stream)
+            chosen.fetched = timing[1]
+            moved = n_total * self.mirror.chunk_nbytes
+            self.recall_stats.events.append((timing[0], timing[1], moved))
+
+    def _scatter_staged(self, chosen: Selection, plan: list[list[tuple[int, int]]]) -> int:
+        """The placement's recalls, from the chunks :meth:`_fetch_ahead` staged (on the current
+        stream, after the fetch); returns bytes moved host -> device for them."""
+        n_total = sum(len(p) for p in plan)
+        if n_total == 0:
+            return 0
+        where = [chosen.staged_index[(b, c)] for b, pairs in enumerate(plan) for c, _ in pairs]
+        index = [(b, slot) for b, pairs in enumerate(plan) for _, slot in pairs]
+        if chosen.fetched is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(chosen.fetched)
+            chosen.staged.record_stream(current)  # allocated on the side stream, read here
+        idx = self._to_device(torch.tensor([where, *zip(*index, strict=True)], dtype=torch.long))
+        src, rows, slots = idx[0], idx[1], idx[2]
+        staged = chosen.staged.index_select(0, src)
+        for i, layer in enumerate(self.layers):
+            layer.reserve_k[rows, :, slots] = staged[:, i, 0]
+            layer.reserve_v[rows, :, slots] = staged[:, i, 1]
+        chosen.staged = None
+        moved = n_total * self.mirror.chunk_nbytes
+        self.recall_stats.chunks += n_total * self.num_layers
+        self.recall_stats.bytes += moved
+        return moved
 
     def _recall_zero_copy(self, plan: list[list[tuple[int, int]]]) -> None:
         items = torch.tensor(

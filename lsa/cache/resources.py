@@ -90,16 +90,18 @@ def worst_case_slots(
     sink_chunks: int,
     recent_chunks: int,
     refresh_every: int,
+    recall_lag: int = 0,
 ) -> int:
     """The most reserve slots a row of ``tokens`` logical tokens can need, as ``_refresh`` sizes
     the reserve: kept chunks (the budget, or every completed chunk under a threshold alone, forced
-    chunks included), the partial chunk, and ``ceil(τ / chunk_size)`` chunks of tail room."""
+    chunks included), the partial chunk and the chunks begun during a recall lag, and
+    ``ceil(τ / chunk_size)`` chunks of tail room."""
     done = tokens // chunk_size
     if budget is None:
         kept = done
     else:
         kept = min(done, max(budget_count(budget, done), sink_chunks + recent_chunks))
-    return kept + 1 + math.ceil(refresh_every / chunk_size)
+    return kept + 1 + math.ceil(recall_lag / chunk_size) + math.ceil(refresh_every / chunk_size)
 
 
 def format_bytes(n: int) -> str:

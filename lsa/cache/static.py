@@ -55,6 +55,7 @@ class StaticDecode:
             sink_chunks=cache.sink_chunks,
             recent_chunks=cache.recent_chunks,
             refresh_every=cache.refresh_every,
+            recall_lag=cache.recall_lag,
         )
         if slots > cache.n_slots:
             cache._slot_cap = max(slots, cache._slot_cap or 0)
@@ -78,14 +79,22 @@ class StaticDecode:
 
     def host_step(self) -> None:
         """The host's bookkeeping of one decode step (what the eager step does before its
-        layer 0), without any device work: new chunks take the tail's next slot in ``bt_host``,
-        completed chunks are noted for the next refresh, lengths grow by one."""
+        layer 0): new chunks take the tail's next slot in ``bt_host``, completed chunks are noted
+        for the next refresh, lengths grow by one. No device work, except placing the set of a
+        lagged refresh when this is the step it was chosen for."""
         cache = self.cache
         if self.steps_left <= 0:
             raise RuntimeError(
                 f"this static decode was set up for {self.max_new_tokens} new tokens; a further "
                 "step would outgrow the reserve allocated for it"
             )
+        if cache._pending is not None and cache._pending.step == cache.decode_step + 1:
+            # chunks completed since the last refresh may move: mirror them from where they are
+            self._mirror_completed()
+            grows = len(cache.grows)
+            cache._apply_pending()
+            self._check_no_grow(grows)
+            self._push_rows()
         self.steps_left -= 1
         cs = cache.chunk_size
         cache.decode_step += 1
@@ -116,13 +125,17 @@ class StaticDecode:
         self._mirror_completed()
         grows = len(cache.grows)
         cache._refresh()
-        if len(cache.grows) != grows:
+        self._check_no_grow(grows)
+        if cache._pending is None:  # placed at once (a lagged set is placed by host_step)
+            self.ready()
+            self._push_rows()
+
+    def _check_no_grow(self, grows: int) -> None:
+        if len(self.cache.grows) != grows:
             raise RuntimeError(
                 "the reserve grew during a static decode (its worst case was undercounted): "
-                f"{cache.grows[-1]}"
+                f"{self.cache.grows[-1]}"
             )
-        self.ready()
-        self._push_rows()
 
     def ready(self) -> None:
         """Make the current stream wait for the recall's side stream (a captured step cannot
