@@ -10,6 +10,7 @@ Public API (tensors are [B, H, S, D], SDPA's layout)::
     lsa.reserve_attention(q, k_reserve, v_reserve, block_table, kv_len, *, chunk_size=64, ...)
     lsa.LSACache(model, scorer, *, budget=None, threshold=None, refresh_every=64, ...)
     lsa.generate(model, input_ids, *, cache, max_new_tokens, ...)   # graph-captured decode
+    lsa.DeepseekV4LSACache(model, memory_indexer, *, budget=0.1, ...)  # two-level LSA, DSv4
 """
 
 from lsa.attention import dense_attention, reserve_attention, sparse_attention
@@ -19,7 +20,18 @@ from lsa.reference.select import select_chunks
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # Imported on first use: it loads transformers' deepseek_v4 modeling code.
+    if name == "DeepseekV4LSACache":
+        from lsa.deepseek_v4 import DeepseekV4LSACache
+
+        return DeepseekV4LSACache
+    raise AttributeError(f"module 'lsa' has no attribute {name!r}")
+
+
 __all__ = [
+    "DeepseekV4LSACache",
     "LSACache",
     "__version__",
     "dense_attention",
