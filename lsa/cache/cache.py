@@ -49,10 +49,10 @@ from numbers import Integral
 import torch
 from transformers.cache_utils import Cache
 
-from lsa._validation import BACKENDS, check_budget, check_int
-from lsa.attention import reserve_attention
+from lsa._validation import check_budget, check_int
 from lsa.cache import capture
 from lsa.cache.attention import ATTN_IMPLEMENTATION, hand_over, register_lsa_attention
+from lsa.cache.decode import DecodeAttention
 from lsa.cache.layer import LSALayer
 from lsa.cache.mirror import HostMirror
 from lsa.cache.model import attention_modules, check_layer_types, text_config
@@ -61,13 +61,9 @@ from lsa.cache.residency import Residency, Selection
 from lsa.cache.resources import check_device, check_request, worst_case_slots
 from lsa.cache.static import StaticDecode
 from lsa.cache.zero_copy import zero_copy_unavailable, zero_copy_write
-from lsa.compiled.compact import prefix_attention, prefix_mask, visible_attention
-from lsa.compiled.flex import FlexPlan, flex_attend, flex_supports, reserve_block_mask, use_fold
 from lsa.reference.select import RECENT_CHUNKS, SINK_CHUNKS
 from lsa.scorers.contract import ChunkScorer
 
-#: what ``LSACache(backend=...)`` accepts: the compact path plus reserve_attention's backends
-CACHE_BACKENDS = ("compact", *BACKENDS)
 RECALLS = ("copies", "zero_copy")
 _claim = threading.Lock()  # makes "is a forward running? if not, this thread runs one" atomic
 _BUSY = (
@@ -169,8 +165,6 @@ class LSACache(Residency, Cache):
                 "set shared by all layers (its mirror stores a chunk of every layer as one "
                 "block, so that a recall is one copy per run of chunks); use 'shared'"
             )
-        if not isinstance(backend, str) or backend not in CACHE_BACKENDS:
-            raise ValueError(f"backend must be one of {CACHE_BACKENDS}, got {backend!r}")
         self.backend = backend
         self.budget = budget
         self.threshold = None if threshold is None else float(threshold)
@@ -189,6 +183,7 @@ class LSACache(Residency, Cache):
             param = next(model.parameters(), None)
             device = param.device if param is not None else "cpu"
         self.device = check_device("device", device)
+        self._decode = DecodeAttention(backend, self.device)
         self.host_device = check_device("host_device", host_device)
         self.max_new_tokens = max_new_tokens
         self.pin = self.device.type == "cuda" and self.host_device.type == "cpu"
@@ -208,12 +203,6 @@ class LSACache(Residency, Cache):
                 f"recall_lag={self.recall_lag} needs recall='copies' (the chunks are fetched into "
                 f"a staging buffer ahead of time); recall={recall!r} writes the reserve directly"
             )
-        #: the decode attention actually used for S_q = 1 ("compact" or a reserve_attention one)
-        self.decode_backend = (
-            "compact"
-            if backend == "compact" or (backend == "auto" and self.device.type == "cuda")
-            else backend
-        )
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._model_config = model.config
         self.num_layers = n_layers
@@ -226,6 +215,16 @@ class LSACache(Residency, Cache):
         self._closed = False
         self.recall_stats = RecallStats()
         self._new_request()
+
+    @property
+    def decode_backend(self) -> str:
+        """The decode attention used for one-query steps ("compact" or a reserve_attention one)."""
+        return self._decode.name
+
+    @property
+    def compact_fallbacks(self) -> dict[str, int]:
+        """Why a decode call left the compact path for reserve_attention (reason -> calls)."""
+        return self._decode.fallbacks
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -298,10 +297,8 @@ class LSACache(Residency, Cache):
         self.n_kept: list[int] = []  # per row, kept (complete) chunks: they fill slots 0..n-1
         self.tail_first: list[int] = []  # per row, first chunk of the tail (slot n_kept[b])
         self.visible: list[int] = []  # per row, tokens a decode query sees (a reserve prefix)
-        self._visible_mask: torch.Tensor | None = None
         self.mirror: HostMirror | None = None
-        #: why a decode call left the compact path for reserve_attention (reason -> calls)
-        self.compact_fallbacks: dict[str, int] = {}
+        self._decode.reset()
         self.decode_step = 0
         self.hidden: dict[int, torch.Tensor] = {}  # what the next refresh reads
         self._captures: dict[int, dict[int, torch.Tensor]] = {}  # thread -> layer -> [B, hidden]
@@ -317,9 +314,6 @@ class LSACache(Residency, Cache):
         self._tail_slot_host: list[int] = []
         self._write_tok: torch.Tensor | None = None
         self._completing: list[tuple[int, int, int]] = []
-        # FlexAttention plan over the reserve, shared by all layers: it reads kv_len (grown in
-        # place) when it runs, so it is rebuilt only when the block table changes.
-        self._plan: FlexPlan | None = None
         self._continues = False
         self.__dict__["_user_defined"] = False
         # Fault state. A forward through the cache is "open" from its layer 0 until its last
@@ -834,7 +828,7 @@ class LSACache(Residency, Cache):
         if top >= self.n_slots:
             self._grow_to(top + 1, "decode")
         self.decode_step += 1
-        self._visible_mask = None  # the compact path's key-padding mask, built on first use
+        self._decode.new_step()
         new_rows, new_slots = [], []
         table_changed = False
         self._completing = []
@@ -899,86 +893,7 @@ class LSACache(Residency, Cache):
         v_reserve: torch.Tensor,
         scaling: float | None,
     ) -> torch.Tensor:
-        if self.decode_backend == "compact":
-            reason = self._compact_refuses(query)
-            if reason is None:
-                return self._compact_attention(query, k_reserve, v_reserve, scaling)
-            self.compact_fallbacks[reason] = self.compact_fallbacks.get(reason, 0) + 1
-            backend = "auto"
-        else:
-            backend = self.decode_backend
-        if backend == "flex" and self._flex_serves(query):
-            if self._plan is None or self._plan.rows != self._rows_for(query, k_reserve):
-                self._plan = reserve_block_mask(
-                    self.block_table,
-                    self.kv_len,
-                    chunk_size=self.chunk_size,
-                    heads_q=query.shape[1],
-                    heads_kv=k_reserve.shape[1],
-                    len_q=query.shape[2],
-                )
-            out = flex_attend(query, k_reserve, v_reserve, self._plan, scale=scaling)
-            return out.transpose(1, 2).contiguous()
-        out = reserve_attention(
-            query,
-            k_reserve,
-            v_reserve,
-            self.block_table,
-            self.kv_len,
-            chunk_size=self.chunk_size,
-            causal=True,
-            scale=scaling,
-            enable_gqa=query.shape[1] != k_reserve.shape[1],
-            backend=backend,
-        )
-        return out.transpose(1, 2).contiguous()
-
-    @staticmethod
-    def _compact_refuses(query: torch.Tensor) -> str | None:
-        """Why the compact path cannot serve this call (None: it can)."""
-        if query.shape[2] != 1:
-            # several queries need causality among the tail's tokens: a mask
-            return f"S_q={query.shape[2]} queries need a causal mask over the tail"
-        return None
-
-    def _compact_attention(
-        self,
-        query: torch.Tensor,
-        k_reserve: torch.Tensor,
-        v_reserve: torch.Tensor,
-        scaling: float | None,
-    ) -> torch.Tensor:
-        """One query per row over the prefix of ``visible[b]`` reserve tokens: kept chunks and
-        tail, no mask when every row sees the same number of tokens, a key-padding mask in one
-        call otherwise (:func:`lsa.compiled.compact.prefix_attention`)."""
-        vis = self.visible
-        if len(set(vis)) == 1:
-            n = vis[0]
-            out, _ = visible_attention(
-                query, k_reserve[:, :, :n], v_reserve[:, :, :n], scale=scaling
-            )
-        else:
-            n = max(vis)
-            if self._visible_mask is None:  # once per step, shared by the layers
-                lengths = self._to_device(torch.tensor(vis, dtype=torch.long))
-                self._visible_mask = prefix_mask(lengths, n)
-            out = prefix_attention(
-                query, k_reserve[:, :, :n], v_reserve[:, :, :n], self._visible_mask, scale=scaling
-            )
-        return out.transpose(1, 2).contiguous()
-
-    def _flex_serves(self, query: torch.Tensor) -> bool:
-        """backend="flex": one plan per block table, shared by layers and steps."""
-        reason = flex_supports(query, self.chunk_size)
-        if reason is not None:
-            raise ValueError(f"backend='flex' cannot serve this cache: {reason}")
-        return True
-
-    @staticmethod
-    def _rows_for(query: torch.Tensor, k_reserve: torch.Tensor) -> int:
-        heads_q, heads_kv = query.shape[1], k_reserve.shape[1]
-        fold = use_fold(heads_q, heads_kv, False, query.device)
-        return (heads_q // heads_kv) * query.shape[2] if fold else query.shape[2]
+        return self._decode(self, query, k_reserve, v_reserve, scaling)
 
     def _complete_chunks(self, layer: LSALayer) -> None:
         """Chunks whose last token was just written: copy to the mirror, encode if a target."""

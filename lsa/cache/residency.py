@@ -94,9 +94,8 @@ class Residency:
             )
             keys = {i: self.chunk_keys[i][:, :n_max] for i in self.target_layers}
             hidden = {i: self.hidden[i] for i in self.target_layers}
-            extra = {} if self._tokens is None else {"token_ids": self._tokens.view()}  # issue 17
             with torch.no_grad():
-                logits = self.scorer.score(hidden, position, keys, **extra)
+                logits = self.scorer.score(hidden, position, keys)
             if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (self.batch, n_max):
                 got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
                 raise ValueError(
@@ -367,7 +366,7 @@ class Residency:
     def _grow(self, n_slots: int, where: str) -> None:
         """Enlarge every layer's reserve to ``n_slots`` slots (rare: budgets grow with length)."""
         old = self.n_slots
-        self._plan = None
+        self._decode.table_changed()
         if self._stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
         for layer in self.layers:
@@ -393,7 +392,7 @@ class Residency:
             self.block_table.copy_(table, non_blocking=False)
         else:
             self.block_table = self._to_device(table.clone())
-        self._plan = None  # a flex plan reads the table it was built from
+        self._decode.table_changed()  # a flex plan reads the table it was built from
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         """A fresh host tensor to the device (pinned, async on CUDA; the source is not reused)."""
