@@ -271,7 +271,8 @@ def run_config(model, length: int, batch: int, args, device, floor_bw: float) ->
             dense_kv_bytes=kv_bytes(model, length, batch),
         )
         checked = args.checked.get("dense_static" if method == "dense_static_graph" else "lsa")
-        # the check runs the default LSACache; the lagged recall's capture is tests/test_generate.py's
+        # the check runs the default LSACache; the lagged recall's capture is tested in
+        # tests/test_generate.py
         row["capture_verified"] = checked if method.endswith(("graph", "zero_copy")) else None
         rows.append(row)
         print(_line(row), flush=True)
