@@ -1,4 +1,4 @@
-"""Command line: ``python -m lsa {demo,dump,train,eval} ...``.
+"""Command line: ``python -m lsa {demo,dump,train,eval,longgen} ...``.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args)``;
 modules are imported only when their command runs, so ``--help`` stays fast. A bad command line
@@ -18,6 +18,7 @@ COMMANDS = {
     "dump": ("lsa.indexer.dump", "one backbone pass over a corpus -> indexer training shards"),
     "train": ("lsa.indexer.train", "train a memory indexer from shards (never loads the backbone)"),
     "eval": ("lsa.eval.cli", "RULER accuracy vs KV footprint for dense, lsa and baselines"),
+    "longgen": ("lsa.eval.long_cli", "long-generation fidelity: per-token KL vs dense, every τ"),
 }
 
 

