@@ -184,9 +184,9 @@ def test_config_from_a_file_lacking_required_fields_names_them(tmp_path):
 def test_format_version_must_be_a_known_int(tmp_path):
     _saved(tmp_path)
     meta = _meta(tmp_path)
-    for bad in (True, 2.0, "2", 3, None):  # True == 1 and 2.0 == 2 in Python
+    for bad in (True, 2.0, "2", 4, None):  # True == 1 and 2.0 == 2 in Python
         _write_meta(tmp_path, dict(meta, format_version=bad))
-        with pytest.raises(ValueError, match="expected format_version 1 or 2, got"):
+        with pytest.raises(ValueError, match="expected format_version 1, 2 or 3, got"):
             LightningIndexer.from_pretrained(tmp_path)
     _write_meta(tmp_path, dict(meta, comment="hi"))
     with pytest.raises(ValueError, match=r"must hold the keys.*got \['comment'"):
@@ -199,7 +199,8 @@ def test_format_version_must_be_a_known_int(tmp_path):
 def test_round_trip_writes_a_checksum_that_verifies(tmp_path):
     idx = _saved(tmp_path)
     meta = _meta(tmp_path)
-    assert FORMAT_VERSION == 2 and meta["format_version"] == 2
+    # a pooled indexer is still written as format 2 (format 3 is for fine-grained keys)
+    assert FORMAT_VERSION == 3 and meta["format_version"] == 2
     on_disk = load_file(str(tmp_path / WEIGHTS_NAME))
     assert meta["tensors_sha256"] == tensors_sha256(on_disk)
     assert len(meta["tensors_sha256"]) == 64

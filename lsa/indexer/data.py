@@ -77,8 +77,11 @@ def read_manifest(directory: Path) -> dict:
     return manifest
 
 
-def read_shard(directory: Path, shard: dict, layers: list[int]) -> dict[str, torch.Tensor]:
-    """One shard's tensors, checked against the manifest's entry; ``ValueError`` if not."""
+def read_shard(
+    directory: Path, shard: dict, layers: list[int], token_keys: bool = False
+) -> dict[str, torch.Tensor]:
+    """One shard's tensors, checked against the manifest's entry; ``ValueError`` if not.
+    ``token_keys``: the shard must also hold ``tokens.{L}`` (``lsa dump --token-keys``)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -88,9 +91,12 @@ def read_shard(directory: Path, shard: dict, layers: list[int]) -> dict[str, tor
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is not a readable safetensors shard: {err}") from None
     needed = [*SHARD_TENSORS, *(f"{kind}.{la}" for la in layers for kind in ("hidden", "features"))]
+    if token_keys:
+        needed += [f"tokens.{la}" for la in layers]
     missing = [k for k in needed if k not in t]
     if missing:
-        raise ValueError(f"{path} lacks tensors {missing}")
+        hint = " (fine-grained keys need a dump made with --token-keys)" if token_keys else ""
+        raise ValueError(f"{path} lacks tensors {missing}{hint}")
     n, docs = t["position"].numel(), len(shard["docs"])
     if t["label_ptr"].numel() != n + 1 or t["doc_chunk_ptr"].numel() != docs + 1:
         raise ValueError(
@@ -105,8 +111,12 @@ class Batch:
     """Padded batch of positions. ``n`` = the longest ``n_t`` in the batch."""
 
     hidden: dict[int, torch.Tensor]  # [B, hidden] per target layer
-    features: dict[int, torch.Tensor]  # [B, n, F] per target layer (zeros past each n_t)
+    #: [B, n, F] per target layer (zeros past each n_t); once the data holds fine-grained group
+    #: features (:meth:`ShardData.set_features`), the whole table [C, m, F], read through
+    #: ``chunk_row`` (a copy per slot would be ``m`` times the pooled batch, for repeated chunks)
+    features: dict[int, torch.Tensor]
     chunk_start: torch.Tensor  # int64 [B, n]
+    chunk_row: torch.Tensor  # int64 [B, n]: the chunk's row in the data's features; -1 if absent
     position: torch.Tensor  # int64 [B]
     exists: torch.Tensor  # bool [B, n]: chunk exists at t
     selectable: torch.Tensor  # bool [B, n]: exists, not sink, not recent
@@ -128,12 +138,16 @@ class Batch:
 class ShardData:
     """All shards of a dump in memory, one split at a time (``split`` in train/val/test/None).
 
+    With ``token_keys``, ``tokens[L]`` holds every chunk's post-RoPE token keys
+    [C, chunk_size, H_kv·D] (float16, from ``lsa dump --token-keys``) and ``chunk_position``
+    [C] each chunk's first position, the input of fine-grained key towers.
+
     Raises:
         EmptySplit: no position of ``split``.
         ValueError: ``directory`` is no readable dump (the message says what is wrong).
     """
 
-    def __init__(self, directory: str | Path, split: str | None = None):
+    def __init__(self, directory: str | Path, split: str | None = None, token_keys: bool = False):
         directory = Path(directory)
         manifest = read_manifest(directory)
         self.settings = manifest["settings"]
@@ -143,13 +157,15 @@ class ShardData:
         self.sink_chunks, self.recent_chunks = int(lab["sink_chunks"]), int(lab["recent_chunks"])
         parts: dict[str, list] = {}
         feats: dict[int, list] = {layer: [] for layer in self.layers}
+        toks: dict[int, list] = {layer: [] for layer in self.layers}
+        chunk_pos: list[torch.Tensor] = []
         doc_offset = chunk_offset = label_offset = 0
         self.doc_chunk_start: list[int] = []
         self.doc_ids: list[str] = []
         #: the manifest's entry of each kept document (id, split, length, task, bucket?).
         self.doc_meta: list[dict] = []
         for shard in manifest["shards"]:
-            t = read_shard(directory, shard, self.layers)
+            t = read_shard(directory, shard, self.layers, token_keys)
             keep_doc = [split is None or d["split"] == split for d in shard["docs"]]
             doc_keep = torch.tensor(keep_doc, dtype=torch.bool)
             sample_keep = doc_keep[t["sample_doc"]]
@@ -165,6 +181,9 @@ class ShardData:
                 self.doc_meta.append(shard["docs"][i])
                 for layer in self.layers:
                     feats[layer].append(t[f"features.{layer}"][cptr[i] : cptr[i + 1]])
+                    if token_keys:
+                        toks[layer].append(t[f"tokens.{layer}"][cptr[i] : cptr[i + 1]])
+                chunk_pos.append(torch.arange(int(cptr[i + 1] - cptr[i])) * self.chunk_size)
                 chunk_offset += int(cptr[i + 1] - cptr[i])
                 doc_offset += 1
             idx = sample_keep.nonzero().flatten()
@@ -198,6 +217,8 @@ class ShardData:
         self.doc = cat["doc"]
         self.hidden = {layer: cat[f"hidden.{layer}"] for layer in self.layers}
         self.features = {layer: torch.cat(feats[layer]) for layer in self.layers}
+        self.tokens = {layer: torch.cat(toks[layer]) for layer in self.layers} if token_keys else {}
+        self.chunk_position = torch.cat(chunk_pos)
         self.label_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), cat["label_len"].cumsum(0)])
         self.label_index = cat["label_index"].long()
         self.label_target, self.label_reactive = cat["label_target"], cat["label_reactive"]
@@ -208,7 +229,20 @@ class ShardData:
 
     @property
     def feature_dim(self) -> int:
-        return int(self.features[self.layers[0]].shape[1])
+        """Per-key feature size (the last dim of ``features``)."""
+        return int(self.features[self.layers[0]].shape[-1])
+
+    def set_features(self, features: dict[int, torch.Tensor]) -> None:
+        """Replace the chunk features by others with one row per chunk (e.g. fine-grained
+        group features [C, m, F] made from ``tokens``); the token keys are then dropped."""
+        total = self.features[self.layers[0]].shape[0]
+        for layer in self.layers:
+            got = features.get(layer)
+            if got is None or got.shape[0] != total:
+                shape = None if got is None else tuple(got.shape)
+                raise ValueError(f"features[{layer}] must have {total} rows (chunks), got {shape}")
+        self.features = {layer: features[layer] for layer in self.layers}
+        self.tokens = {}
 
     #: tensors :meth:`to` moves (``is_answer``, ``selectable_mass`` stay on the CPU for reports).
     _DEVICE_TENSORS = (
@@ -241,7 +275,13 @@ class ShardData:
         rows = first[:, None] + j[None]
         total = self.features[self.layers[0]].shape[0]
         rows = rows.clamp(max=total - 1)
-        features = {layer: self.features[layer][rows] * exists[..., None] for layer in self.layers}
+        grouped = self.features[self.layers[0]].dim() == 3
+        features = {
+            layer: self.features[layer]
+            if grouped
+            else self.features[layer][rows] * exists[..., None]
+            for layer in self.layers
+        }
         # CSR rows -> dense [B, n], vectorised: entry e of row r sits at label_ptr[i_r] + e.
         starts = self.label_ptr[indices]
         lens = self.label_ptr[indices + 1] - starts
@@ -258,6 +298,7 @@ class ShardData:
             hidden={layer: self.hidden[layer][indices] for layer in self.layers},
             features=features,
             chunk_start=(j[None] * self.chunk_size).expand(b, n).contiguous(),
+            chunk_row=rows.masked_fill(~exists, -1),
             position=self.position[indices],
             exists=exists,
             selectable=selectable,

@@ -6,6 +6,9 @@ indexer needs at sampled positions ``t`` — and nothing else, so training never
 - ``hidden.{L}`` [N, hidden]: the attention input of target layer ``L`` at ``t`` (query tower);
 - ``features.{L}`` [C, 3·H_kv·D]: pooled statistics of each whole chunk's keys of layer ``L``
   (key tower input, :func:`lsa.scorers.lightning.chunk_features`), ``doc_chunk_ptr`` [docs+1];
+- with ``--token-keys``, ``tokens.{L}`` [C, chunk_size, H_kv·D] float16: every token's post-RoPE
+  key of layer ``L`` (as the cache holds it), the input of a fine-grained key tower
+  (``IndexerConfig.key_group`` < chunk_size); rows are chunks, as in ``features.{L}``;
 - ``position``, ``sample_doc``, ``is_answer``, ``n_chunks`` [N];
 - lookahead labels in CSR form: ``label_ptr`` [N+1], ``label_index``, ``label_target`` (graded,
   normalised), ``label_reactive`` (SnapKV-style), ``selectable_mass`` [N]
@@ -90,6 +93,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="combine the label layers' heads by their mean or by the strongest head",
     )
     parser.add_argument("--chat-template", action="store_true", help="wrap prompts as chat turns")
+    parser.add_argument(
+        "--token-keys",
+        action="store_true",
+        help="also store every token's post-RoPE key of the target layers (float16), for "
+        "fine-grained key towers (train --key-group); ~2·H_kv·D bytes per token and layer",
+    )
     parser.add_argument("--threads", type=COUNT, default=None, help="torch threads")
     parser.add_argument(
         "--device", type=device_option, default=None, help="default: cuda if available, else cpu"
@@ -264,6 +273,10 @@ def dump_document(model, ids: list[int], answer, args, label_cfg, inv_freq, scal
         out[f"hidden.{layer}"] = rec.hidden[layer][targets.position]
         keys = rec.keys[layer][None, :, : n_doc * cs]
         out[f"features.{layer}"] = chunk_features(keys, starts, cs, inv, scaling)[0]
+        if args.token_keys:  # [H_kv, n*cs, D] -> [n, cs, H_kv*D], one row per chunk
+            h_kv, _, d = keys.shape[1:]
+            tok = keys[0].permute(1, 0, 2).reshape(n_doc, cs, h_kv * d)
+            out[f"tokens.{layer}"] = tok.to(torch.float16).contiguous()
     return out
 
 
@@ -302,6 +315,7 @@ def _settings(args, label_cfg, inv_freq, scaling, model) -> dict:
         "min_position": args.min_position,
         "max_length": args.max_length,
         "chat_template": bool(args.chat_template),
+        "token_keys": bool(args.token_keys),
         "backbone_inv_freq": inv_freq,
         "backbone_rope_scaling": scaling,
     }
@@ -349,6 +363,7 @@ def run(args: argparse.Namespace) -> int:
         manifest = json.loads(manifest_path.read_text())
         old = {k: v for k, v in manifest["settings"].items()}
         old["labels"].setdefault("head_reduce", "mean")  # dumps written before the option
+        old.setdefault("token_keys", False)  # likewise
         if json.loads(json.dumps(settings)) != old:
             raise ValueError(
                 f"{manifest_path} was written with other settings; use a new --out or the same "

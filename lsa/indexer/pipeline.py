@@ -41,6 +41,18 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         ],
         "train": ["--epochs", "12", "--loss", "kl", "--batch-size", "64"],
     },
+    # The SmolLM2 recipe (README "Shipped weights: SmolLM2"), with the token keys that the
+    # fine-grained key tower trains from (``--train-args --key-group 4``).
+    "smollm2": {
+        "dump": [
+            "--target-layers", "7", "15", "23",
+            "--label-layers", "1", "4", "7", "10", "13", "16", "19", "22", "25", "28",
+            "--stride", "32", "--min-position", "1024", "--max-length", "8192",
+            "--docs-per-shard", "1", "--query-block", "512", "--chat-template",
+            "--label-reduce", "max", "--recent-chunks", "2", "--token-keys",
+        ],
+        "train": ["--epochs", "20", "--loss", "kl", "--answer-repeat", "5"],
+    },
 }  # fmt: skip
 
 

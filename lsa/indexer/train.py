@@ -1,7 +1,9 @@
 """``python -m lsa train``: train a :class:`LightningIndexer` from dump shards only.
 
 The backbone is never loaded: everything comes from ``lsa dump``'s shards (hidden states at the
-target layers, pooled chunk-key statistics, lookahead targets).
+target layers, pooled chunk-key statistics, lookahead targets). ``--key-group g`` trains the
+fine-grained key tower (one index key per ``g`` tokens) from the token keys of a dump made with
+``--token-keys``; the group features are computed once, before the first epoch.
 
 Losses (per target layer, averaged over layers; ``--loss``):
 
@@ -84,6 +86,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prev-chunk", action="store_true", help="heads also score a chunk by its predecessor"
     )
     parser.add_argument(
+        "--key-group",
+        type=COUNT,
+        default=None,
+        help="fine-grained keys: one index key per this many tokens (a divisor of the chunk size "
+        "below it, e.g. 1, 4, 16; needs a dump made with --token-keys); default: the pooled "
+        "tower, one key per chunk",
+    )
+    parser.add_argument(
+        "--key-pool",
+        choices=("max", "logsumexp"),
+        default="max",
+        help="with --key-group: a chunk's logit is the max or the log-sum-exp of its keys' logits",
+    )
+    parser.add_argument(
         "--answer-repeat",
         type=COUNT,
         default=1,
@@ -129,6 +145,8 @@ def build_indexer(data: ShardData, args) -> LightningIndexer:
         key_fp8=args.key_fp8,
         prev_chunk=args.prev_chunk,
         key_stats=tuple(args.key_stats),
+        key_group=args.key_group,
+        key_pool=args.key_pool,
         derotate_keys=True,
         backbone_rope_scaling=float(s["backbone_rope_scaling"]),
         backbone=str(s["model"]),
@@ -139,6 +157,27 @@ def build_indexer(data: ShardData, args) -> LightningIndexer:
             f"{config.feature_dim}"
         )
     return LightningIndexer(config, torch.tensor(s["backbone_inv_freq"]))
+
+
+@torch.no_grad()
+def fine_features(
+    model: LightningIndexer, data: ShardData, block: int = 512
+) -> dict[int, torch.Tensor]:
+    """Per target layer, the fine-grained key tower's input of every chunk, [C, m, F], computed
+    with ``model.features`` from the dump's token keys, on the model's device (``block`` chunks
+    at a time, so the fp32 keys of a whole dump are never materialised at once)."""
+    cfg, dev = model.config, _device(model)
+    out = {}
+    for layer in data.layers:
+        tokens = data.tokens[layer]  # [C, cs, H_kv*D] float16
+        parts = []
+        for a in range(0, tokens.shape[0], block):
+            t = tokens[a : a + block].to(dev).float()
+            keys = t.view(t.shape[0], cfg.chunk_size, cfg.kv_heads, cfg.kv_head_dim)
+            start = data.chunk_position[a : a + block, None].to(dev)
+            parts.append(model.features(keys.permute(0, 2, 1, 3), start)[:, 0])
+        out[layer] = torch.cat(parts)
+    return out
 
 
 def epoch_order(is_answer: torch.Tensor, repeat: int, gen: torch.Generator) -> torch.Tensor:
@@ -155,9 +194,31 @@ def batch_logits(model: LightningIndexer, batch: Batch) -> dict[int, torch.Tenso
     """Per-layer logits [B, n] for a batch (chunk keys computed from the shard features)."""
     out = {}
     for layer in model.target_layers:
-        keys = model.encode_features(layer, batch.features[layer], batch.chunk_start)
+        if model.config.key_group is None:
+            keys = model.encode_features(layer, batch.features[layer], batch.chunk_start)
+        else:
+            keys = distinct_chunk_keys(model, layer, batch)
         out[layer] = model.layer_logits(layer, batch.hidden[layer], batch.position, keys)
     return out
+
+
+def distinct_chunk_keys(model: LightningIndexer, layer: int, batch: Batch) -> torch.Tensor:
+    """Chunk keys [B, n, m * d] from a grouped batch (``batch.features[layer]`` is the data's
+    table [C, m, F], ``batch.chunk_row`` the rows), the key tower run once per distinct chunk.
+
+    The positions of a batch share their documents' chunks (a chunk's keys do not depend on
+    the query), and a fine-grained tower costs ``m`` times the pooled one per chunk: this keeps
+    it to the distinct chunks. Absent slots (row -1) get zero keys; their logits are masked."""
+    rows = batch.chunk_row.flatten()
+    present = (rows >= 0).nonzero().flatten()  # slot indices of existing chunks
+    distinct, inverse = torch.unique(rows[present], return_inverse=True)
+    first = torch.full_like(distinct, rows.numel()).scatter_reduce(0, inverse, present, "amin")
+    start = batch.chunk_start.flatten()[first]  # a row's start is the same in every slot
+    feats = batch.features[layer][distinct]  # [U, m, F]
+    encoded = model.encode_features(layer, feats[None], start[None])[0]  # [U, m * d]
+    keys = encoded.new_zeros(rows.numel(), encoded.shape[-1])
+    keys = keys.index_copy(0, present, encoded[inverse])
+    return keys.view(*batch.chunk_row.shape, -1)
 
 
 def kl_loss(logits: torch.Tensor, target: torch.Tensor, selectable: torch.Tensor) -> torch.Tensor:
@@ -260,14 +321,16 @@ def check_args(args: argparse.Namespace) -> None:
     for option, values in (("--layers", args.layers), ("--key-stats", args.key_stats)):
         if values and len(set(values)) != len(values):
             raise UsageError(f"{option} must be distinct, got {values}")
+    if args.key_pool != "max" and args.key_group is None:
+        raise UsageError(f"--key-pool {args.key_pool} pools fine-grained keys: give --key-group")
     check_output_dir("--out", Path(args.out))
 
 
-def load_split(data: str, split: str) -> ShardData:
+def load_split(data: str, split: str, token_keys: bool = False) -> ShardData:
     """``split`` of the dump ``data``; a missing, empty or corrupt dump raises
     :class:`UsageError` naming ``--data`` (:class:`EmptySplit` passes: test may be absent)."""
     try:
-        return ShardData(data, split)
+        return ShardData(data, split, token_keys=token_keys)
     except EmptySplit as err:
         if split == "test":
             raise
@@ -282,10 +345,11 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     log = (lambda *a: None) if args.quiet else print
-    train_data = load_split(args.data, "train")
-    val_data = load_split(args.data, "val")
+    fine = args.key_group is not None
+    train_data = load_split(args.data, "train", fine)
+    val_data = load_split(args.data, "val", fine)
     try:
-        test_data = load_split(args.data, "test")
+        test_data = load_split(args.data, "test", fine)
     except EmptySplit:
         test_data = None
     if args.layers:
@@ -307,6 +371,10 @@ def run(args: argparse.Namespace) -> int:
         model = build_indexer(train_data, args).to(device)
     except (ValueError, TypeError) as err:
         raise UsageError(f"--data {args.data}: its settings build no indexer: {err}") from None
+    if fine:  # token keys -> group features, once (the tower's input does not change)
+        for d in (train_data, val_data, test_data):
+            if d is not None:
+                d.set_features(fine_features(model, d))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     n_answer = int(train_data.is_answer.sum())
     steps_per_epoch = math.ceil(

@@ -15,6 +15,24 @@ Per target layer ``L`` (one independent pair of towers each)::
 
 and the target layers' logits are ensembled with ``max`` (or ``mean``).
 
+Fine-grained index keys (``key_group = g``, a divisor of the chunk size below it): the key
+tower runs on every group of ``g`` consecutive tokens instead of the whole chunk (the pooled
+statistics of the group; for ``g = 1`` the de-rotated token key itself) with its RoPE at the
+group's first position, so a chunk has ``m = chunk_size / g`` index keys, returned flattened as
+one ``[m · index_dim]`` chunk key (the cache stores it like any other). A chunk's logit pools
+its keys' logits, by their max or (``key_pool="logsumexp"``) their log-sum-exp::
+
+    logit_j = max_i sum_h w_h * relu(q_h . k_{j,i}) + bias
+
+(log-sum-exp: under the listwise softmax a chunk then weighs as the sum of its groups, as its
+lookahead target is the sum of its tokens' attention mass).
+
+Why: a pooled chunk key blurs look-alike facts (near-identical needles) into the same
+statistics; one key per few tokens keeps the fact that matches the query apart, as the
+original's index keys (one per 4 tokens) and DeepSeek's sparse attention (one per token) do.
+With ``key_fp8``, :meth:`LightningIndexer.encode_chunks` returns the keys packed by the fp8
+codec (uint8, ``index_dim + 4`` bytes per key), which is what the cache then holds.
+
 Why this key tower: the cache holds the post-RoPE keys of every token, so a chunk key must be a
 function of them. Undoing the backbone's rotation gives position-free content; the per-channel
 mean (MoBA's and ShadowKV's chunk landmark) and min/max (Quest's page bounds) summarise what
@@ -41,13 +59,16 @@ import torch
 from torch import nn
 
 from lsa._validation import check_bool, check_int
-from lsa.indexer.codec import fake_quantize_fp8
+from lsa.indexer.codec import decode_fp8, encode_fp8, fake_quantize_fp8
 
 CONFIG_NAME = "indexer_config.json"
 WEIGHTS_NAME = "indexer.safetensors"
 #: 2: ``indexer_config.json`` carries ``tensors_sha256`` (:func:`tensors_sha256`), checked on
-#: load; 1 (no checksum) still loads, with a warning.
-FORMAT_VERSION = 2
+#: load; 1 (no checksum) still loads, with a warning. 3: as 2, and the config may hold
+#: ``key_group`` and ``key_pool`` (fine-grained keys); pooled indexers are still saved as format
+#: 2, unchanged.
+FORMAT_VERSION = 3
+POOLED_FORMAT_VERSION = 2
 #: the pooled statistics of a chunk's keys, in the order :func:`chunk_features` concatenates them
 KEY_STATS = ("mean", "min", "max")
 
@@ -74,6 +95,11 @@ class IndexerConfig:
             a chunk whose own tokens say nothing about the question.
         key_stats: which pooled statistics of the chunk's keys the key tower reads (a subset of
             ``KEY_STATS``, kept in that order; an ablation knob, all three by default).
+        key_group: ``None`` (the pooled tower: one index key per chunk) or ``g``, a divisor of
+            ``chunk_size`` below it: one index key per ``g`` tokens (fine-grained; ``g = 1``
+            reads each token's key, so ``key_stats`` must stay all three, they coincide).
+        key_pool: how a chunk's logit pools its index keys' logits: ``"max"`` or
+            ``"logsumexp"`` (fine-grained keys only).
     """
 
     hidden_size: int
@@ -93,6 +119,8 @@ class IndexerConfig:
     backbone: str = ""
     prev_chunk: bool = False
     key_stats: tuple[str, ...] = KEY_STATS
+    key_group: int | None = None
+    key_pool: str = "max"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -136,6 +164,27 @@ class IndexerConfig:
                 f"key_stats must be distinct names from {KEY_STATS}, got {list(stats)}"
             )
         object.__setattr__(self, "key_stats", tuple(x for x in KEY_STATS if x in stats))
+        if not isinstance(self.key_pool, str):
+            raise TypeError(f"key_pool must be a str, got {type(self.key_pool).__name__}")
+        if self.key_pool not in ("max", "logsumexp"):
+            raise ValueError(f"key_pool must be 'max' or 'logsumexp', got {self.key_pool!r}")
+        if self.key_group is None and self.key_pool != "max":
+            raise ValueError("key_pool applies to fine-grained keys only; set key_group too")
+        if self.key_group is not None:
+            g = check_int("key_group", self.key_group, minimum=1)
+            object.__setattr__(self, "key_group", g)
+            if g >= self.chunk_size or self.chunk_size % g:
+                raise ValueError(
+                    f"key_group must be None (one pooled key per chunk) or a divisor of "
+                    f"chunk_size={self.chunk_size} below it (e.g. 1, 4, 16), got {g}"
+                )
+            if self.prev_chunk:
+                raise ValueError("prev_chunk needs the pooled tower (key_group=None)")
+            if g == 1 and self.key_stats != KEY_STATS:
+                raise ValueError(
+                    f"key_stats does not apply to key_group=1 (a single token's key is its own "
+                    f"mean, min and max); leave it at {list(KEY_STATS)}, got {list(self.key_stats)}"
+                )
         if not isinstance(self.extra, dict):
             raise TypeError(f"extra must be a dict, got {type(self.extra).__name__} {self.extra!r}")
         try:  # saved as JSON: what does not come back equal would change on a save/load
@@ -154,10 +203,31 @@ class IndexerConfig:
         stores): ``len(KEY_STATS) · kv_heads · kv_head_dim``."""
         return len(KEY_STATS) * self.kv_heads * self.kv_head_dim
 
+    @property
+    def keys_per_chunk(self) -> int:
+        """Index keys per chunk: 1 for the pooled tower, ``chunk_size / key_group`` else."""
+        return 1 if self.key_group is None else self.chunk_size // self.key_group
+
+    @property
+    def key_input_dim(self) -> int:
+        """What the key tower's projection reads per index key: the chosen statistics of its
+        tokens' keys, or (``key_group = 1``) the token's key."""
+        block = self.kv_heads * self.kv_head_dim
+        return block if self.key_group == 1 else len(self.key_stats) * block
+
+    def key_bytes_per_token(self, fp8: bool | None = None) -> float:
+        """Device bytes of index keys per history token, all target layers: stored by the fp8
+        codec (``index_dim + 4`` bytes a key; default: when ``key_fp8``) or as float32."""
+        fp8 = self.key_fp8 if fp8 is None else fp8
+        per_key = self.index_dim + 4 if fp8 else 4 * self.index_dim
+        return len(self.target_layers) * self.keys_per_chunk * per_key / self.chunk_size
+
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["target_layers"] = list(self.target_layers)
         out["key_stats"] = list(self.key_stats)
+        if self.key_group is None:  # pooled configs stay byte-identical to format 2
+            del out["key_group"], out["key_pool"]
         return out
 
     @classmethod
@@ -263,6 +333,41 @@ def chunk_features(
         inv_freq: the backbone's RoPE inverse frequencies [D/2] (rotate-half convention, as in
             Llama and Qwen2); ``None`` pools the keys as given.
     """
+    k = derotated_keys(keys, chunk_start, chunk_size, inv_freq, rope_scaling)
+    return torch.cat([k.mean(2), k.amin(2), k.amax(2)], dim=-1)
+
+
+def group_features(
+    keys: torch.Tensor,
+    chunk_start: torch.Tensor,
+    chunk_size: int,
+    group: int,
+    inv_freq: torch.Tensor | None,
+    rope_scaling: float = 1.0,
+) -> torch.Tensor:
+    """Key-tower input of fine-grained keys: ``[B, n, chunk_size / group, F]``, per group of
+    ``group`` tokens the mean, min and max of their (de-rotated) keys (``F = 3 · H_kv · D``), or
+    for ``group = 1`` the token's key itself (``F = H_kv · D``). Arguments as
+    :func:`chunk_features`."""
+    if chunk_size % group:
+        raise ValueError(f"group must divide chunk_size={chunk_size}, got {group}")
+    k = derotated_keys(keys, chunk_start, chunk_size, inv_freq, rope_scaling)
+    b, n, _, f = k.shape
+    if group == 1:
+        return k
+    k = k.view(b, n, chunk_size // group, group, f)
+    return torch.cat([k.mean(3), k.amin(3), k.amax(3)], dim=-1)
+
+
+def derotated_keys(
+    keys: torch.Tensor,
+    chunk_start: torch.Tensor,
+    chunk_size: int,
+    inv_freq: torch.Tensor | None,
+    rope_scaling: float = 1.0,
+) -> torch.Tensor:
+    """Post-RoPE keys [B, H_kv, n * cs, D] -> fp32 keys with the backbone's RoPE undone (as
+    given when ``inv_freq`` is ``None``), heads side by side: [B, n, cs, H_kv * D]."""
     b, h_kv, s, d = keys.shape
     n = chunk_start.shape[-1]
     if s != n * chunk_size:
@@ -281,8 +386,7 @@ def chunk_features(
         rot_half = torch.cat([-k[..., d // 2 :], k[..., : d // 2]], dim=-1)
         # k = x cos + rot_half(x) sin  =>  x = (k cos - rot_half(k) sin) / scaling^2
         k = (k * cos - rot_half * sin) / (rope_scaling * rope_scaling)
-    k = k.permute(0, 2, 3, 1, 4).reshape(b, n, chunk_size, h_kv * d)  # [B, n, cs, H_kv*D]
-    return torch.cat([k.mean(2), k.amin(2), k.amax(2)], dim=-1)
+    return k.permute(0, 2, 3, 1, 4).reshape(b, n, chunk_size, h_kv * d)
 
 
 class _LayerIndexer(nn.Module):
@@ -294,8 +398,7 @@ class _LayerIndexer(nn.Module):
         self.q_norm = nn.RMSNorm(cfg.q_rank, eps=1e-6)
         self.wq_b = nn.Linear(cfg.q_rank, cfg.n_heads * cfg.index_dim, bias=False)
         self.weights_proj = nn.Linear(cfg.hidden_size, cfg.n_heads, bias=False)
-        stats_dim = len(cfg.key_stats) * cfg.kv_heads * cfg.kv_head_dim
-        self.wk = nn.Linear(stats_dim, cfg.index_dim, bias=False)
+        self.wk = nn.Linear(cfg.key_input_dim, cfg.index_dim, bias=False)
         self.k_norm = nn.RMSNorm(cfg.index_dim, eps=1e-6)
         self.bias = nn.Parameter(torch.zeros(()))
         if cfg.prev_chunk:
@@ -342,7 +445,8 @@ class LightningIndexer(nn.Module):
         return self.layers[str(layer)]
 
     def features(self, keys: torch.Tensor, chunk_start: torch.Tensor) -> torch.Tensor:
-        """Key-tower input for whole chunks: [B, H_kv, n*cs, D] keys -> [B, n, feature_dim]."""
+        """Key-tower input for whole chunks: [B, H_kv, n*cs, D] keys -> [B, n, feature_dim]
+        (pooled), or [B, n, keys_per_chunk, F] (:func:`group_features`, with ``key_group``)."""
         cfg = self.config
         if keys.dim() != 4 or keys.shape[1] != cfg.kv_heads or keys.shape[3] != cfg.kv_head_dim:
             raise ValueError(
@@ -353,6 +457,15 @@ class LightningIndexer(nn.Module):
             raise ValueError(
                 f"chunk_start must be int [B={keys.shape[0]}, n], got {tuple(chunk_start.shape)}"
             )
+        if cfg.key_group is not None:
+            return group_features(
+                keys,
+                chunk_start,
+                cfg.chunk_size,
+                cfg.key_group,
+                self.backbone_inv_freq,
+                cfg.backbone_rope_scaling,
+            )
         return chunk_features(
             keys, chunk_start, cfg.chunk_size, self.backbone_inv_freq, cfg.backbone_rope_scaling
         )
@@ -360,27 +473,63 @@ class LightningIndexer(nn.Module):
     def encode_features(
         self, layer: int, features: torch.Tensor, chunk_start: torch.Tensor
     ) -> torch.Tensor:
-        """Key tower from pooled statistics: [B, n, feature_dim] -> chunk keys [B, n, index_dim]."""
+        """Key tower from :meth:`features`: pooled [B, n, feature_dim] or grouped
+        [B, n, m, F] -> chunk keys [B, n, m * index_dim] (``m = keys_per_chunk``, 1 if pooled),
+        float (fp8 values with ``key_fp8``)."""
         cfg = self.config
         mod = self._layer(layer)
+        m = cfg.keys_per_chunk
+        if cfg.key_group is None:
+            features = features[:, :, None]  # [B, n, 1, F]
+        if features.dim() != 4 or features.shape[2] != m:
+            raise ValueError(
+                f"features must be [B, n, {m}, F] (key_group={cfg.key_group}), got "
+                f"{tuple(features.shape)}"
+            )
         if self.stat_columns is not None:
             features = features.index_select(-1, self.stat_columns)
-        k = mod.k_norm(mod.wk(features.to(mod.wk.weight.dtype)))
-        k = rope_last(k, chunk_start, cfg.rope_dim, cfg.rope_theta) @ self.hadamard
+        b, n = features.shape[:2]
+        k = mod.k_norm(mod.wk(features.to(mod.wk.weight.dtype)))  # [B, n, m, d]
+        # Each index key's RoPE sits at its group's first token (the chunk start if pooled).
+        offset = torch.arange(m, device=chunk_start.device) * (cfg.chunk_size // m)
+        k = rope_last(k, chunk_start[..., None] + offset, cfg.rope_dim, cfg.rope_theta)
+        k = k @ self.hadamard
         if cfg.key_fp8:  # straight-through: the forward sees fp8 keys, gradients pass unchanged
             k = k + (fake_quantize_fp8(k) - k).detach()
-        return k
+        return k.reshape(b, n, m * cfg.index_dim)
 
     def encode_chunks(
         self, layer: int, keys: torch.Tensor, chunk_start: torch.Tensor
     ) -> torch.Tensor:
-        """ChunkScorer: post-RoPE cached keys [B, H_kv, n*cs, D] -> chunk keys [B, n, index_dim]."""
-        return self.encode_features(layer, self.features(keys, chunk_start), chunk_start)
+        """ChunkScorer: post-RoPE cached keys [B, H_kv, n*cs, D] -> chunk keys
+        [B, n, m * index_dim] float, or with ``key_fp8`` packed by the fp8 codec: uint8
+        [B, n, m * (index_dim + 4)] (what the cache then stores; :meth:`score` unpacks it)."""
+        k = self.encode_features(layer, self.features(keys, chunk_start), chunk_start)
+        if not self.config.key_fp8:
+            return k
+        b, n = k.shape[:2]
+        return encode_fp8(k.view(b, n, -1, self.config.index_dim)).view(b, n, -1)
+
+    def unpack_keys(self, chunk_keys: torch.Tensor) -> torch.Tensor:
+        """Chunk keys as :meth:`encode_chunks` returns them -> float [B, n, m, index_dim]."""
+        cfg = self.config
+        m, d = cfg.keys_per_chunk, cfg.index_dim
+        packed = chunk_keys.dtype == torch.uint8
+        width = m * (d + 4) if packed else m * d
+        if chunk_keys.dim() != 3 or chunk_keys.shape[2] != width:
+            kind = f"uint8 fp8-packed [B, n, {m}*({d}+4)]" if packed else f"float [B, n, {m}*{d}]"
+            raise ValueError(f"chunk_keys must be {kind}, got {tuple(chunk_keys.shape)}")
+        b, n = chunk_keys.shape[:2]
+        if packed:
+            return decode_fp8(chunk_keys.reshape(b, n, m, d + 4))
+        return chunk_keys.reshape(b, n, m, d)
 
     def layer_logits(
         self, layer: int, hidden: torch.Tensor, position: torch.Tensor, chunk_keys: torch.Tensor
     ) -> torch.Tensor:
-        """One layer's logits [B, n] for hidden [B, hidden], position [B], keys [B, n, d]."""
+        """One layer's logits [B, n] for hidden [B, hidden], position [B] and chunk keys
+        [B, n, m * d] (float or fp8-packed, as :meth:`encode_chunks` returns them): per chunk
+        the max over its ``m`` index keys (``m = 1`` for the pooled tower)."""
         cfg = self.config
         mod = self._layer(layer)
         x = hidden.to(mod.wq_a.weight.dtype)
@@ -388,10 +537,18 @@ class LightningIndexer(nn.Module):
         q = mod.wq_b(mod.q_norm(mod.wq_a(x))).view(b, cfg.n_heads, cfg.index_dim)  # [B, H, d]
         q = rope_last(q, position, cfg.rope_dim, cfg.rope_theta) @ self.hadamard
         w = mod.weights_proj(x) * (cfg.index_dim**-0.5 * cfg.n_heads**-0.5)  # [B, H]
-        s = torch.relu(torch.einsum("bhd,bnd->bnh", q, chunk_keys.to(q.dtype)))  # [B, n, H]
-        if cfg.prev_chunk:  # chunk j also scores by chunk j-1's match (chunk 0 has none)
-            s = s + mod.gamma * torch.nn.functional.pad(s, (0, 0, 1, 0))[:, :-1]
-        return (s * w[:, None, :]).sum(-1) + mod.bias
+        keys = self.unpack_keys(chunk_keys).to(q.dtype)  # [B, n, m, d]
+        if cfg.key_group is None:
+            s = torch.relu(torch.einsum("bhd,bnd->bnh", q, keys[:, :, 0]))  # [B, n, H]
+            if cfg.prev_chunk:  # chunk j also scores by chunk j-1's match (chunk 0 has none)
+                s = s + mod.gamma * torch.nn.functional.pad(s, (0, 0, 1, 0))[:, :-1]
+            return (s * w[:, None, :]).sum(-1) + mod.bias
+        # All index keys of the history in one product: [B, n*m, d] x [B, d, H].
+        b, n, m, d = keys.shape
+        s = torch.relu(torch.bmm(keys.reshape(b, n * m, d), q.transpose(1, 2)))  # [B, n*m, H]
+        per_key = torch.bmm(s, w[:, :, None]).view(b, n, m)
+        pooled = per_key.amax(-1) if cfg.key_pool == "max" else per_key.logsumexp(-1)
+        return pooled + mod.bias
 
     def ensemble(self, logits: list[torch.Tensor]) -> torch.Tensor:
         stacked = torch.stack(logits, 0)
@@ -435,7 +592,9 @@ class LightningIndexer(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "lsa-indexer"})
         meta = {
-            "format_version": FORMAT_VERSION,
+            "format_version": (
+                POOLED_FORMAT_VERSION if self.config.key_group is None else FORMAT_VERSION
+            ),
             "tensors_sha256": tensors_sha256(tensors),
             "config": self.config.to_dict(),
         }
@@ -472,9 +631,9 @@ class LightningIndexer(nn.Module):
         if not isinstance(meta, dict):
             raise ValueError(f"{cfg_path} must hold a JSON object, got {type(meta).__name__}")
         version = meta.get("format_version")
-        if type(version) is not int or version not in (1, FORMAT_VERSION):  # true == 1 in Python
+        if type(version) is not int or version not in (1, 2, FORMAT_VERSION):  # true == 1
             raise ValueError(
-                f"{cfg_path}: expected format_version 1 or {FORMAT_VERSION}, got {version!r}"
+                f"{cfg_path}: expected format_version 1, 2 or {FORMAT_VERSION}, got {version!r}"
             )
         known = {"format_version", "config", "tensors_sha256"}
         unknown = sorted(set(meta) - known)
