@@ -1,4 +1,4 @@
-"""DeepseekV4LSACache on tiny random DeepSeek-V4 models (CPU): the properties of issue 18."""
+"""DeepseekV4LSACache on tiny random DeepSeek-V4 models (CPU)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TextScorer and FusionScorer (issue 17): the token-id extension of the scorer contract,
+"""TextScorer and FusionScorer: the token-id extension of the scorer contract,
 causality of chunk embeddings, incremental = from scratch, retrieval, fusion, footprint."""
 
 from __future__ import annotations

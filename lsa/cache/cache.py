@@ -60,7 +60,7 @@ from lsa.cache.records import Footprint, RecallStats, RefreshRecord
 from lsa.cache.residency import Residency, Selection
 from lsa.cache.resources import check_device, check_request, worst_case_slots
 from lsa.cache.static import StaticDecode
-from lsa.cache.token_ids import TokenHistory  # token-id scorers (issue 17)
+from lsa.cache.token_ids import TokenHistory
 from lsa.cache.zero_copy import zero_copy_unavailable, zero_copy_write
 from lsa.reference.select import RECENT_CHUNKS, SINK_CHUNKS
 from lsa.scorers.contract import ChunkScorer, reads_token_ids
@@ -213,7 +213,7 @@ class LSACache(Residency, Cache):
         modules = attention_modules(model, n_layers)
         self._capture_modules = {i: modules[i] for i in self.target_layers}
         capture.attach(self, self._capture_modules)
-        # issue 17: token ids for scorers that read text (None for every other scorer)
+        # the token ids of this request, for scorers that read text (None for every other one)
         self._tokens = TokenHistory(self, model) if reads_token_ids(scorer) else None
         self._closed = False
         self.recall_stats = RecallStats()
@@ -342,7 +342,7 @@ class LSACache(Residency, Cache):
         check_int("max_new_tokens", max_new_tokens, minimum=0)
         if self._open is not None or self._broken is not None:
             raise RuntimeError(self._interrupted_message())
-        if self._tokens is not None:  # issue 17: a replayed step runs no Python to record ids
+        if self._tokens is not None:  # a replayed step runs no Python to record ids
             raise NotImplementedError("static decode does not record token ids for the scorer")
         self._static = StaticDecode(self, max_new_tokens)
         return self._static
@@ -371,7 +371,7 @@ class LSACache(Residency, Cache):
         last cache); the cache is unusable afterwards. Dropping a cache without ``close()``
         leaves nothing behind either, once it is garbage-collected."""
         capture.detach(self, list(self._capture_modules.values()))
-        if self._tokens is not None:  # issue 17
+        if self._tokens is not None:
             self._tokens.close()
         self._closed = True
 
@@ -777,7 +777,7 @@ class LSACache(Residency, Cache):
             self._end_forward()
             raise
         self.hidden = {i: hidden[i] for i in self.target_layers}
-        if self._tokens is not None:  # issue 17: no forward ran, so no hook caught them
+        if self._tokens is not None:  # no forward ran, so no hook caught them
             self._tokens.pending = None if input_ids is None else input_ids.detach().cpu()
         for i, (key, value) in enumerate(keys_values):
             layer = self.layers[i]
@@ -798,7 +798,7 @@ class LSACache(Residency, Cache):
         self.tail_first = [0] * b_size
         self.visible = [0] * b_size
         self._tail_slot_host = [-1] * b_size
-        if self._tokens is not None:  # issue 17
+        if self._tokens is not None:
             self._tokens.start(self.pad)
 
     @staticmethod
@@ -842,7 +842,7 @@ class LSACache(Residency, Cache):
         if top >= self.n_slots:
             self._grow_to(top + 1, "decode")
         self.decode_step += 1
-        if self._tokens is not None:  # issue 17
+        if self._tokens is not None:
             self._tokens.append()
         self._decode.new_step()
         new_rows, new_slots = [], []
@@ -934,7 +934,7 @@ class LSACache(Residency, Cache):
         n: int,
     ) -> None:
         """Encode ``n`` chunks per given row (keys [len(rows), H, n*cs, D]) and store them."""
-        extra = {} if self._tokens is None else {"token_ids": self._tokens.view(rows)}  # issue 17
+        extra = {} if self._tokens is None else {"token_ids": self._tokens.view(rows)}
         with torch.no_grad():
             ck = self.scorer.encode_chunks(layer_idx, keys, start, **extra)
         if not isinstance(ck, torch.Tensor) or ck.dim() != 3 or ck.shape[:2] != (len(rows), n):

@@ -94,7 +94,7 @@ class Residency:
             )
             keys = {i: self.chunk_keys[i][:, :n_max] for i in self.target_layers}
             hidden = {i: self.hidden[i] for i in self.target_layers}
-            extra = {} if self._tokens is None else {"token_ids": self._tokens.view()}  # issue 17
+            extra = {} if self._tokens is None else {"token_ids": self._tokens.view()}
             with torch.no_grad():
                 logits = self.scorer.score(hidden, position, keys, **extra)
             if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (self.batch, n_max):

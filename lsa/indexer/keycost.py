@@ -9,7 +9,7 @@ history of ``--tokens`` tokens; the bytes are those of the packed tensors it ret
 ``LSACache.footprint()`` counts), set against the dense bf16 KV bytes per token, and the refresh
 cost is the wall time of one ``score`` over every key of every target layer (median of
 ``--repeats``, after a warm-up; synchronised on cuda). Weights are random: cost does not depend on
-them. The device-bytes budget of issue 16: index keys + resident KV <= 15% of dense KV at 10%.
+them. The device-bytes budget: index keys + resident KV <= 15% of dense KV at 10%.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fine-tuning the text scorer's sentence encoder on a dump's lookahead labels (issue 17).
+"""Fine-tuning the text scorer's sentence encoder on a dump's lookahead labels.
 
 A dump (:mod:`lsa.indexer.dump`) holds, per sampled position ``t`` of a document, the graded
 lookahead target over the chunks that exist at ``t``; it does not hold token ids, so the documents
