@@ -79,17 +79,14 @@ def lsa_cache(model, args, recall: str = "copies", budget: float | None = None, 
     )
 
 
-def busy_share(step, device: torch.device, n: int = 4) -> float | None:
-    """Share of the wall time of ``n`` calls of ``step`` that GPU kernels cover (profiler)."""
-    if device.type != "cuda":
-        return None
+def kernel_seconds(run, device: torch.device) -> tuple[float, float]:
+    """(GPU kernel seconds, wall seconds) of ``run()`` under the profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     sync(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
-        for _ in range(n):
-            step()
+        run()
         sync(device)
         wall = time.perf_counter() - t0
     kernel_us = sum(
@@ -97,7 +94,15 @@ def busy_share(step, device: torch.device, n: int = 4) -> float | None:
         for e in prof.key_averages()
         if e.device_type == torch.autograd.DeviceType.CUDA
     )
-    return kernel_us * 1e-6 / wall
+    return kernel_us * 1e-6, wall
+
+
+def busy_share(step, device: torch.device, n: int = 4) -> float | None:
+    """Share of the wall time of ``n`` calls of ``step`` that GPU kernels cover (profiler)."""
+    if device.type != "cuda":
+        return None
+    kernels, wall = kernel_seconds(lambda: [step() for _ in range(n)], device)
+    return kernels / wall
 
 
 def step(model, tok, cache) -> torch.Tensor:
@@ -152,22 +157,12 @@ def decode_kernel_share(model, ids, make, args, device) -> float | None:
     generation minus a prefill-only one, so that the prefill's kernels do not count."""
     if device.type != "cuda":
         return None
-    from torch.profiler import ProfilerActivity, profile
-
-    totals = []
-    for new in (args.new, 1):
-        sync(device)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            t0 = time.perf_counter()
-            lsa.generate(model, ids, cache=make(), max_new_tokens=new)
-            sync(device)
-            wall = time.perf_counter() - t0
-        kernel_us = sum(
-            e.device_time_total
-            for e in prof.key_averages()
-            if e.device_type == torch.autograd.DeviceType.CUDA
+    totals = [
+        kernel_seconds(
+            lambda new=new: lsa.generate(model, ids, cache=make(), max_new_tokens=new), device
         )
-        totals.append((kernel_us * 1e-6, wall))
+        for new in (args.new, 1)
+    ]
     (k_all, w_all), (k_pre, w_pre) = totals
     return (k_all - k_pre) / (w_all - w_pre)
 

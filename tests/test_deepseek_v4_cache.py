@@ -20,13 +20,7 @@ from lsa.deepseek_v4.tiny import greedy, tiny_model
 CSA_LAYER = 1  # tiny_config: sliding, CSA, HCA
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The machine is shared; two threads on tiny matmuls are many times slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ from lsa.deepseek_v4.train import captured_mass, load_samples, train_memory_inde
 CSA_LAYER = 1
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

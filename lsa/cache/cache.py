@@ -594,15 +594,7 @@ class LSACache(Residency, Cache):
         chunk_bytes = (
             self.num_layers * 2 * heads_kv * self.chunk_size * head_dim * key.dtype.itemsize
         )
-        slots = worst_case_slots(
-            tokens=tokens,
-            chunk_size=self.chunk_size,
-            budget=self.budget,
-            sink_chunks=self.sink_chunks,
-            recent_chunks=self.recent_chunks,
-            refresh_every=self.refresh_every,
-            recall_lag=self.recall_lag,
-        )
+        slots = self._worst_case_slots(tokens)
         # a lagged refresh stages its new chunks before placing them: at worst a whole set
         staged = slots if self.recall_lag else 0
         check_request(
@@ -624,6 +616,18 @@ class LSACache(Residency, Cache):
             request=f"batch {b_size}, {s} prompt + {new} new tokens, {self.num_layers} layers",
         )
         self._slot_cap = slots
+
+    def _worst_case_slots(self, tokens: int) -> int:
+        """The most reserve slots a row of ``tokens`` logical tokens can need at these settings."""
+        return worst_case_slots(
+            tokens=tokens,
+            chunk_size=self.chunk_size,
+            budget=self.budget,
+            sink_chunks=self.sink_chunks,
+            recent_chunks=self.recent_chunks,
+            refresh_every=self.refresh_every,
+            recall_lag=self.recall_lag,
+        )
 
     def ingest_prefill(
         self,

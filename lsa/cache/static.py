@@ -29,7 +29,6 @@ import torch
 
 from lsa.backends import reserve_impl
 from lsa.cache.attention import hand_over
-from lsa.cache.resources import worst_case_slots
 
 if TYPE_CHECKING:
     from lsa.cache.cache import LSACache
@@ -46,17 +45,8 @@ class StaticDecode:
                 f"0); this cache is in phase {cache.phase!r} at decode step {cache.decode_step}"
             )
         self.cache = cache
-        cs = cache.chunk_size
         longest = max(cache.kv_len_host) + max_new_tokens
-        slots = worst_case_slots(
-            tokens=longest,
-            chunk_size=cs,
-            budget=cache.budget,
-            sink_chunks=cache.sink_chunks,
-            recent_chunks=cache.recent_chunks,
-            refresh_every=cache.refresh_every,
-            recall_lag=cache.recall_lag,
-        )
+        slots = cache._worst_case_slots(longest)
         if slots > cache.n_slots:
             cache._slot_cap = max(slots, cache._slot_cap or 0)
             cache._grow(slots, "static")
